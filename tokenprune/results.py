@@ -1,0 +1,187 @@
+"""Result records: one `result.json` per job, the single source of truth for tables and figures.
+
+`write` is atomic (a temporary file renamed into place), so a record is either whole or absent.
+`load` gathers the records under any directories into a pandas DataFrame.
+`python -m tokenprune.results DIR [DIR ...]` prints them as a table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+RECORD_NAME = "result.json"
+STATUSES = ("ok", "failed", "skipped")
+
+# Every record has these keys; fields a job could not fill are null, never made up.
+FIELDS = (
+    "task", "method", "model", "seed", "speedup_target", "budget", "status", "error", "traceback",
+    "metric_name", "metric", "metrics", "baseline_metric", "metric_drop",
+    "flops_mode", "flops_per_example", "baseline_flops_per_example", "flops_speedup", "flops_speedups",
+    "latency_ms_b1", "baseline_latency_ms_b1", "wallclock_speedup_b1", "throughput_speedup", "timing",
+    "tokens_per_layer", "baseline_tokens_per_layer", "n_eval", "method_info", "phase_times",
+    "config", "git_commit", "versions", "hardware", "started_at", "duration_s", "output_dir",
+)
+
+TABLE_COLUMNS = [
+    "task", "method", "model", "seed", "speedup_target", "status", "metric_name", "metric",
+    "baseline_metric", "flops_speedup", "wallclock_speedup_b1", "throughput_speedup", "n_eval", "duration_s",
+]
+
+
+def new_record(**fields) -> dict:
+    record = dict.fromkeys(FIELDS)
+    record.update(fields)
+    return record
+
+
+def write(record: dict, directory: str | os.PathLike) -> Path:
+    """Write `record` as `directory/result.json`, atomically."""
+    unknown = set(record) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"unknown record fields: {sorted(unknown)}")
+    if record.get("status") not in STATUSES:
+        raise ValueError(f"record status must be one of {STATUSES}, not {record.get('status')!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / RECORD_NAME
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".result.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1, default=_jsonable)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return final
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):  # numpy / torch
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def read(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def find(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    found = []
+    for p in map(Path, paths):
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(p.rglob(RECORD_NAME)))
+        else:
+            raise FileNotFoundError(f"{p} is neither a result.json nor a directory: give the output directories of your runs.")
+    return found
+
+
+def load(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """All records under `paths` (directories searched recursively, or result.json files) as a
+    DataFrame, one row per record, with a `path` column. Unreadable records are skipped with a
+    warning that names them; the others still load."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    rows = []
+    for path in find(paths):
+        try:
+            record = read(path)
+            if not isinstance(record, dict) or "status" not in record:
+                raise ValueError("not a tokenprune record (no status field)")
+        except (OSError, ValueError) as e:
+            log.warning(f"skipping {path}: unreadable record ({e}); re-run that job to rewrite it.")
+            continue
+        rows.append({**dict.fromkeys(FIELDS), **record, "path": str(path)})
+    return pd.DataFrame(rows, columns=[*FIELDS, "path"])
+
+
+# ---- provenance ---------------------------------------------------------------------------------
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    import datasets, hydra, torch, transformers
+    import tokenprune
+
+    return {
+        "python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+        "datasets": datasets.__version__, "hydra": hydra.__version__, "tokenprune": tokenprune.__version__,
+    }
+
+
+def hardware() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m tokenprune.results DIR [DIR ...]   (prints the records under DIRs as a table)")
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        df = load(argv)
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if df.empty:
+        print(f"No {RECORD_NAME} under {' '.join(argv)}.")
+        return 0
+    table = df[TABLE_COLUMNS].sort_values(["task", "method", "speedup_target", "seed"])
+    with pd.option_context("display.max_rows", None, "display.width", 200, "display.float_format", "{:.2f}".format):
+        print(table.to_string(index=False))
+    counts = df["status"].value_counts().to_dict()
+    print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
