@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hydra.core.plugins import Plugins
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO.parent / "shared" / "data"
@@ -10,6 +11,10 @@ DATA_ROOT = REPO.parent / "shared" / "data"
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Hydra's plugin scan re-imports its basic sweeper; scan first, so that our sweeper subclasses the
+# class Hydra keeps.
+Plugins.instance()
 
 
 @pytest.fixture(scope="session")

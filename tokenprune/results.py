@@ -47,8 +47,9 @@ def new_record(**fields) -> dict:
     return record
 
 
-def write(record: dict, directory: str | os.PathLike) -> Path:
-    """Write `record` as `directory/result.json`, atomically."""
+def write(record: dict, directory: str | os.PathLike, keep_ok: bool = False) -> Path:
+    """Write `record` as `directory/result.json`, atomically. With `keep_ok`, an ok record already
+    there is never replaced by a record that is not ok: that one goes to `result.<status>.json`."""
     unknown = set(record) - set(FIELDS)
     if unknown:
         raise ValueError(f"unknown record fields: {sorted(unknown)}")
@@ -57,6 +58,13 @@ def write(record: dict, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / RECORD_NAME
+    if keep_ok and record["status"] != "ok" and final.exists():
+        try:
+            if read(final).get("status") == "ok":
+                final = directory / f"result.{record['status']}.json"
+                log.warning(f"{directory} holds an ok record; this {record['status']} one goes to {final.name}")
+        except (OSError, ValueError):
+            pass
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".result.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:

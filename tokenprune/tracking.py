@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 # Record fields charted as W&B summary values (names kept identical to the record's).
 SUMMARY_FIELDS = (
-    "status", "metric_name", "metric", "baseline_metric", "metric_drop", "flops_speedup", "flops_per_example",
+    "task", "method", "model", "seed", "budget", "flops_mode", "status", "metric_name", "metric",
+    "baseline_metric", "metric_drop", "flops_speedup", "flops_per_example",
     "baseline_flops_per_example", "wallclock_speedup_b1", "latency_ms_b1", "baseline_latency_ms_b1",
     "throughput_speedup", "n_eval", "duration_s", "speedup_target", "error",
 )
@@ -52,13 +53,17 @@ class WandbTracker(Tracker):
             for key in SUMMARY_FIELDS:
                 if record.get(key) is not None:
                     self.run.summary[key] = record[key]
-            for key, value in (record.get("metrics") or {}).items():
-                self.run.summary[f"metrics/{key}"] = value
+            for group in ("metrics", "flops_speedups"):
+                for key, value in (record.get(group) or {}).items():
+                    self.run.summary[f"{group}/{key}"] = value
             tokens, base = record.get("tokens_per_layer"), record.get("baseline_tokens_per_layer")
             if tokens:
-                rows = [[i, *row, (base[i][0] if base and i < len(base) else None)] for i, row in enumerate(tokens)]
-                table = self._wandb.Table(columns=["layer", "tokens_attention", "tokens_ffn", "baseline_tokens"], data=rows)
-                self.run.log({"tokens_per_layer": table})
+                rows = [[i, attn, ffn, base["attention"][i] if base and i < len(base["attention"]) else None]
+                        for i, (attn, ffn) in enumerate(zip(tokens["attention"], tokens["ffn"]))]
+                columns = ["layer", "tokens_attention", "tokens_ffn", "baseline_tokens"]
+                self.run.log({"tokens_per_layer": self._wandb.Table(columns=columns, data=rows)})
+        except Exception as e:  # the record is already written; tracking never stops a sweep
+            log.warning(f"W&B summary incomplete: {e}")
         finally:
             self.run.finish(exit_code=0 if record.get("status") != "failed" else 1)
 

@@ -6,15 +6,20 @@
 2. The full model has one operating point: a `method=bert` job at any `speedup` runs once, at
    `speedup=1`, so `method=bert,trbert speedup=2,3` gives one bert job and two trbert jobs (said in
    the log) instead of bert jobs that fail half way through the sweep.
+
+At the end it prints how many jobs ended ok, skipped and failed, and exits non-zero when any failed
+(the other jobs have all run and written their records by then).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
+from hydra.core.utils import JobStatus
+from hydra.errors import HydraException
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +29,10 @@ FULL_MODEL = "bert"
 def _key_value(override: str) -> tuple[str, str]:
     key, _, value = override.partition("=")
     return key.lstrip("+~"), value
+
+
+class SweepFailed(HydraException):
+    """Some jobs of the sweep failed; their records say why."""
 
 
 class SuiteSweeper(BasicSweeper):
@@ -79,3 +88,23 @@ class SuiteSweeper(BasicSweeper):
         if max_batch_size is None:
             return [jobs]
         return [jobs[i : i + max_batch_size] for i in range(0, len(jobs), max_batch_size)]
+
+    def sweep(self, arguments: List[str]) -> Any:
+        returns = super().sweep(arguments)
+        counts: dict[str, int] = {}
+        for batch in returns:
+            for job in batch:
+                if job.status == JobStatus.COMPLETED and isinstance(job._return_value, dict):
+                    status = job._return_value.get("status", "failed")
+                else:
+                    status = "failed"
+                counts[status] = counts.get(status, 0) + 1
+        total = sum(counts.values())
+        summary = ", ".join(f"{counts[s]} {s}" for s in ("ok", "skipped", "failed") if counts.get(s))
+        log.info(f"Sweep finished: {total} jobs: {summary}. Records under {self.config.hydra.sweep.dir}")
+        if counts.get("failed"):
+            raise SweepFailed(
+                f"{counts['failed']} of {total} jobs failed ({summary}): their result.json under "
+                f"{self.config.hydra.sweep.dir} holds the error; re-run the same command to redo only those."
+            )
+        return returns
