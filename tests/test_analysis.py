@@ -1,0 +1,279 @@
+"""The analysis layer: frontiers, interpolation, hypervolume and seeds on hand-made points; the
+figures command and the notebooks on the records fixture (tests/fixtures/records: 4 tasks, the full
+model and 4 methods, 1-3 seeds, null wall-clock fields, 1 failed and 2 skipped records)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from analysis import figures  # noqa: E402
+from analysis import pareto as P  # noqa: E402
+from tokenprune import results  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "fixtures" / "records"
+NOTEBOOKS = sorted((REPO / "analysis" / "notebooks").glob("*.py"))
+
+
+def pts(*rows: tuple[float, float]) -> pd.DataFrame:
+    """Points from (speedup, drop) pairs, with metric = 90 - drop."""
+    df = pd.DataFrame(rows, columns=["speedup", "drop_mean"])
+    return df.assign(metric_mean=90.0 - df["drop_mean"])
+
+
+def records(*rows: dict) -> pd.DataFrame:
+    base = dict(model="tiny", budget="smoke", status="ok", metric_name="accuracy", speedup_target=1.0, flops_speedup=1.0)
+    frame = pd.DataFrame([results.new_record(**{**base, **r}) for r in rows])
+    return P.prepare(frame.assign(path=[f"job{i}/result.json" for i in range(len(frame))]))
+
+
+# ---- frontiers and interpolation ----------------------------------------------------------------
+
+
+def test_a_dominated_point_drops_out_of_the_frontier():
+    front = P.pareto_front(pts((1.5, 0.2), (1.4, 0.5), (2.0, 1.6), (3.0, 1.4), (3.0, 1.4)))
+    assert front[["speedup", "drop_mean"]].values.tolist() == [[1.5, 0.2], [3.0, 1.4]]  # duplicates kept once
+    assert P.pareto_mask([1, 2, 2, np.nan], [5, 4, 3, 9]).tolist() == [True, True, False, False]
+    assert P.pareto_mask([1, 2], [5, 4], minimize_y=True).tolist() == [False, True]
+
+
+def test_frontiers_per_method_and_across_methods():
+    a = pts((1.5, 0.2), (3.0, 1.4)).assign(method="a")
+    b = pts((2.0, 0.1), (2.5, 2.0)).assign(method="b")
+    marked = P.mark_frontiers(pd.concat([a, b], ignore_index=True).assign(task="t", setting="s"))
+    assert marked["on_frontier"].tolist() == [True, True, True, True]
+    # across methods, b's 2x point dominates a's 1.5x point, and a's 3x point dominates b's 2.5x point
+    assert marked["on_overall_frontier"].tolist() == [False, True, True, False]
+
+
+def test_speedup_at_a_drop_is_interpolated_linearly_in_log_speedup_and_flagged():
+    points = pts((1.5, 0.2), (2.0, 1.6), (3.0, 1.4))  # (2, 1.6) is dominated by (3, 1.4)
+    at = P.speedup_at_drop(points, 1.0)
+    # t = (1.0 - 0.2) / (1.4 - 0.2) = 2/3 of the way from log 1.5 to log 3
+    assert at.value == pytest.approx(1.5 * 2 ** (2 / 3)) and at.value == pytest.approx(2.3811, abs=1e-4)
+    assert at.kind == "interpolated" and at.interpolated
+    measured = P.speedup_at_drop(points, 0.2)
+    assert (measured.value, measured.kind, measured.interpolated) == (1.5, "measured", False)
+    assert P.speedup_at_drop(points, 2.0) == P.OnFrontier(3.0, "lower bound")
+    assert P.speedup_at_drop(points, 0.1).kind == "not reached" and math.isnan(P.speedup_at_drop(points, 0.1).value)
+
+
+def test_metric_at_a_fixed_speedup():
+    points = pts((1.5, 0.2), (2.0, 1.6), (3.0, 1.4))
+    at = P.metric_at_speedup(points, 2.25)
+    assert at.value == pytest.approx(89.8 - math.log2(1.5) * 1.2) and at.interpolated
+    assert P.metric_at_speedup(points, 3.0) == P.OnFrontier(pytest.approx(88.6), "measured")
+    assert P.metric_at_speedup(points, 1.2) == P.OnFrontier(pytest.approx(89.8), "lower bound")
+    assert P.metric_at_speedup(points, 4.0).kind == "not reached"
+
+
+def test_hypervolume_of_a_point_and_of_a_staircase():
+    # one point at 4x with a 1-point drop: log2(4) * (5 - 1)
+    assert P.hypervolume(pts((4.0, 1.0))) == pytest.approx(8.0)
+    assert P.hypervolume(pts((4.0, 1.0)), ref_drop=10) == pytest.approx(18.0)
+    # staircase (2x, 0) and (4x, 2), plus a dominated (3x, 3): 1 * 5 + 1 * 3
+    assert P.hypervolume(pts((2.0, 0.0), (4.0, 2.0), (3.0, 3.0))) == pytest.approx(8.0)
+    # slower than the full model, or worse than the reference: nothing
+    assert P.hypervolume(pts((0.8, 0.0), (2.0, 6.0))) == 0.0
+    assert P.hypervolume(pts()) == 0.0
+
+
+# ---- records: drop, seeds, selection ------------------------------------------------------------
+
+
+def test_drop_is_against_the_full_model_of_the_same_task_and_seed():
+    ok = P.select(records(
+        dict(task="sst2", method="bert", seed=1, metric=90.0, baseline_metric=90.0),
+        dict(task="sst2", method="bert", seed=2, metric=92.0, baseline_metric=92.0),
+        dict(task="sst2", method="topk", seed=1, speedup_target=2.0, metric=89.0),  # no baseline: the bert record
+        dict(task="sst2", method="topk", seed=2, speedup_target=2.0, metric=91.0),
+        dict(task="sst2", method="topk", seed=3, speedup_target=2.0, metric=88.0, baseline_metric=88.5),  # its own
+        dict(task="rte", method="topk", seed=1, speedup_target=2.0, metric=60.0),  # no full model at all
+    )).ok
+    drop = ok.set_index(["task", "method", "seed"])["drop"]
+    assert drop[("sst2", "topk", 1)] == pytest.approx(1.0) and drop[("sst2", "topk", 2)] == pytest.approx(1.0)
+    assert drop[("sst2", "topk", 3)] == pytest.approx(0.5)
+    assert math.isnan(drop[("rte", "topk", 1)])
+    ref = P.reference(ok).set_index("task")
+    assert ref.loc["sst2", "mean"] == pytest.approx(91.0) and ref.loc["sst2", "n"] == 2
+    assert ref.loc["sst2", "std"] == pytest.approx(np.std([90, 92], ddof=1))
+
+
+def test_mean_and_spread_over_seeds():
+    ok = P.select(records(
+        *[dict(task="sst2", method="topk", seed=s, speedup_target=2.0, metric=m, baseline_metric=90.0, flops_speedup=f)
+          for s, m, f in ((1, 88.0, 1.9), (2, 89.0, 2.0), (3, 90.0, 2.1))],
+        dict(task="sst2", method="topk", seed=1, speedup_target=3.0, metric=85.0, baseline_metric=90.0, flops_speedup=3.0),
+    )).ok
+    points = P.points(ok, "flops_speedup").set_index("speedup_target")
+    assert points.loc[2.0, ["n", "metric_mean", "metric_std", "drop_mean"]].tolist() == pytest.approx([3, 89.0, 1.0, 1.0])
+    assert points.loc[2.0, "speedup"] == pytest.approx(2.0) and points.loc[2.0, "speedup_std"] == pytest.approx(0.1)
+    assert points.loc[2.0, "seeds"] == [1, 2, 3]
+    assert points.loc[3.0, "n"] == 1 and math.isnan(points.loc[3.0, "metric_std"])
+    spread = P.mean_over_seeds(ok, by=["task"], columns=["metric"])
+    assert spread.loc[0, "n"] == 4 and spread.loc[0, "metric_mean"] == pytest.approx(88.0)
+
+
+def test_select_skips_records_that_are_not_ok_and_superseded_reruns():
+    df = records(
+        dict(task="sst2", method="topk", seed=1, speedup_target=2.0, metric=80.0, started_at="2025-01-01T00:00:00"),
+        dict(task="sst2", method="topk", seed=1, speedup_target=2.0, metric=81.0, started_at="2025-01-02T00:00:00"),
+        dict(task="sst2", method="topk", seed=1, speedup_target=3.0, status="failed", metric=None),
+        dict(task="mnli", method="topk", seed=1, speedup_target=2.0, status="skipped", metric=None),
+    )
+    selection = P.select(df)
+    assert selection.ok["metric"].tolist() == [81.0]  # the later run wins
+    assert selection.left_out == {"failed": 1, "skipped": 1, "superseded re-runs": 1}
+    assert "4 records" in selection.message() and "1 used" in selection.message()
+
+
+def test_the_wallclock_axis_leaves_out_records_without_timing():
+    ok = P.usable(FIXTURE).ok
+    flops, wall = P.points(ok, "flops_speedup"), P.points(ok, "wallclock_speedup_b1")
+    assert {"topk", "trbert"} <= set(flops[flops["task"] == "cola"]["method"])
+    assert not {"topk", "trbert"} & set(wall[wall["task"] == "cola"]["method"])
+    with pytest.raises(ValueError, match="unknown speedup axis"):
+        P.points(ok, "latency")
+
+
+def test_summary_and_tables_on_the_fixture():
+    ok = P.usable(FIXTURE).ok
+    summ = P.summary(ok, "flops_speedup")
+    assert set(summ["task"]) == {"sst2", "mrpc", "cola", "rte"} and P.FULL_MODEL not in set(summ["method"])
+    row = summ.set_index(["task", "method"]).loc[("sst2", "trbert")]
+    assert row["speedup_at_drop_2_kind"] == "lower bound" and row["hypervolume"] > 0
+    table = P.speedup_table(summ, 1.0)
+    assert list(table.columns) == sorted(summ["task"].unique()) and "topk" in table.index
+    assert any(cell.endswith("*") for cell in table.values.ravel())
+    md = P.to_markdown(table, "note")
+    assert md.startswith("| method |") and md.rstrip().endswith("note")
+    tex = P.to_latex(pd.DataFrame({"a_b": ["≥2.00×", "1.50×*", "—"]}, index=pd.Index(["x", "y", "z"], name="method")))
+    assert r"a\_b" in tex and r"$\geq$2.00$\times$" in tex and r"1.50$\times$$^{*}$" in tex and "--" in tex
+
+
+# ---- reported points ----------------------------------------------------------------------------
+
+
+def test_reported_points_are_read_rows_only_and_drawn_only_on_their_task(tmp_path):
+    reported = P.load_reported()
+    assert len(reported) and set(reported["status"]) == {"READ"}
+    assert set(reported["axis"]) == {"*", "flops_speedup", "wallclock_speedup_b1"}
+    extra = tmp_path / "extra.csv"
+    pd.DataFrame([dict(method="trbert", task="sst2", model="bert-base", metric_name="accuracy", metric=93.0, speedup=3.0,
+                       speedup_accounting="flops_trbert", split="dev", source="memory", status="RECALL")]).to_csv(extra, index=False)
+    assert P.load_reported([extra]).empty
+
+    ok = P.usable(FIXTURE).ok
+
+    def hollow(task, axis):
+        fig, ax = plt.subplots()
+        figures.plot_panel(ax, ok, task, axis, reported)
+        drawn = [c for c in ax.collections if (c.get_gid() or "").startswith("reported:")]
+        assert all(len(c.get_facecolors()) == 0 for c in drawn), "reported points are hollow"
+        plt.close(fig)
+        return len(drawn)
+
+    # sst2 on FLOPs: the two papers' BERT-base rows and DistilBERT's static 2x; on wall clock: BERT-base rows and PoWER-BERT
+    assert hollow("sst2", "flops_speedup") == 3 and hollow("sst2", "wallclock_speedup_b1") == 3
+    fake = ok.assign(task="hyperpartisan")
+    fig, ax = plt.subplots()
+    figures.plot_panel(ax, fake, "hyperpartisan", "flops_speedup", reported)
+    assert not [c for c in ax.collections if (c.get_gid() or "").startswith("reported:")]
+    plt.close(fig)
+
+
+# ---- the figures command ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def figures_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("figs")
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = figures.main(["--results", str(FIXTURE), "--out", str(out)])
+    return code, buffer.getvalue(), out
+
+
+def test_figures_command_writes_figures_and_tables(figures_run):
+    code, printed, out = figures_run
+    assert code == 0
+    assert "Skipping 3 records that are not ok: 1 failed, 2 skipped." in printed
+    assert "15 records have no wallclock_speedup_b1" in printed
+    for stem in ["sst2", "mrpc", "cola", "rte", "grid_flops", "grid_wallclock", "flops_vs_wallclock"]:
+        png, pdf = out / f"{stem}.png", out / f"{stem}.pdf"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 30_000, stem
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 10_000, stem
+    assert not (out / "mnli.png").exists()  # only skipped records
+    md = (out / "speedup_at_1pt_flops.md").read_text()
+    assert "| method | cola | mrpc | rte | sst2 |" in md and "| topk |" in md and "interpolated" in md
+    tex = (out / "speedup_at_1pt_wallclock.tex").read_text()
+    assert r"\begin{tabular}{lrrrr}" in tex and r"\toprule" in tex and "topk" in tex
+    summary = pd.read_csv(out / "summary_flops.csv")
+    assert {"speedup_at_drop_0.5", "speedup_at_drop_1", "speedup_at_drop_2", "hypervolume"} <= set(summary.columns)
+
+
+def test_figures_command_explains_bad_input(tmp_path, capsys):
+    assert figures.main(["--results", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "output directories" in capsys.readouterr().err
+    results.write(results.new_record(task="sst2", method="topk", status="failed", error="x"), tmp_path / "runs" / "0")
+    assert figures.main(["--results", str(tmp_path / "runs"), "--out", str(tmp_path / "o")]) == 1
+    captured = capsys.readouterr()
+    assert "Skipping 1 records that are not ok: 1 failed." in captured.out and "nothing to plot" in captured.err
+
+
+# ---- notebooks ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kernel_manager_factory(tmp_path_factory):
+    """Kernels of this very interpreter, from a kernelspec written for the test (no user install)."""
+    from ipykernel.kernelspec import write_kernel_spec
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    kernels = tmp_path_factory.mktemp("kernels")
+    write_kernel_spec(str(kernels / "tokenprune-test"), overrides={
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]})
+    specs = KernelSpecManager(kernel_dirs=[str(kernels)])
+    return lambda: KernelManager(kernel_name="tokenprune-test", kernel_spec_manager=specs)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_executes_on_the_fixture(notebook, kernel_manager_factory, monkeypatch):
+    import jupytext
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv(P.RESULTS_ENV, str(FIXTURE))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    nb = jupytext.reads(notebook.read_text(), fmt="py:percent")
+    client = NotebookClient(nb, km=kernel_manager_factory(), timeout=180,
+                            resources={"metadata": {"path": str(REPO / "analysis" / "notebooks")}})
+    client.execute(cleanup_kc=True)  # shut the kernel down: the test owns its kernel manager
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    text = "\n".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "98 used" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the notebook shows figures"
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+
+
+def test_notebooks_are_percent_scripts_without_committed_ipynb():
+    assert {p.stem for p in NOTEBOOKS} == {"pareto", "flops_vs_wallclock"}
+    for notebook in NOTEBOOKS:
+        text = notebook.read_text()
+        assert "format_name: percent" in text and "# %%" in text
+        assert "from analysis import figures, pareto" in text
+    assert not list((REPO / "analysis" / "notebooks").glob("*.ipynb")) or "*.ipynb" in (REPO / ".gitignore").read_text()
