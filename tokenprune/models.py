@@ -7,7 +7,9 @@ import os
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+from transformers.utils import logging as hf_logging
 
+from tokenprune import hub
 from tokenprune.errors import UserError
 
 
@@ -24,6 +26,12 @@ def packaged_minilm_dir() -> str:
 
 def _from_pretrained(loader, name: str, **kwargs):
     """Local directories load as they are; hub ids fail within seconds when offline."""
+    if not os.path.isdir(name) and not hub.offline() and (reason := hub.unreachable()) is not None:
+        raise UserError(
+            f"model.path={name} is on the HuggingFace hub, which cannot be reached ({reason}): connect to the "
+            "network, set HF_HUB_OFFLINE=1 if it is in your HF cache, point model.path at a local copy, "
+            "or use the offline default model=minilm."
+        )
     try:
         return loader.from_pretrained(name, **kwargs)
     except OSError as e:
@@ -49,7 +57,13 @@ def load_backbone(model: DictConfig, num_labels: int, seed: int) -> torch.nn.Mod
         return AutoModelForSequenceClassification.from_config(config)
     name = model.path or packaged_minilm_dir()
     config = _from_pretrained(AutoConfig, name, num_labels=num_labels, problem_type=problem)
-    return _from_pretrained(AutoModelForSequenceClassification, name, config=config)
+    # The load report only says that the new classification head is untrained, which it must be.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return _from_pretrained(AutoModelForSequenceClassification, name, config=config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -95,6 +95,13 @@ def check_config(cfg: DictConfig) -> None:
             raise UserError(f"{path}={value!r} is not valid: it must be {expected}.")
 
 
+DETERMINISM = {
+    "cpu": "deterministic: the same config and seed give the same metric and kept-token counts",
+    "gpu": "not bit-exact: cuBLAS and fused attention kernels reduce in varying order, so metrics can move "
+           "in the last digits and a token scored next to a threshold can flip; timings always vary",
+}
+
+
 def backbone_key(cfg: DictConfig) -> dict:
     """Everything that determines the fine-tuned backbone, and nothing else."""
     task = OmegaConf.to_container(cfg.task, resolve=True)
@@ -254,6 +261,12 @@ def run_pipeline(cfg: DictConfig, tracker) -> dict:
     with timed(times, "data"):
         tokenizer = load_tokenizer(cfg.model)
         raw = task_data.load_splits(cfg.task, cfg.data, cfg.budget, cfg.seed)
+        for name, ds in raw.items():
+            if len(ds) == 0:
+                raise UserError(
+                    f"The {name} split of task {cfg.task.name} is empty after loading and the budget's caps: "
+                    f"check the files under data.root={cfg.data.root} and the budget.max_* values."
+                )
         splits = {name: task_data.encode(ds, tokenizer, cfg.task.max_length) for name, ds in raw.items()}
     job = methods.Job(cfg=cfg, splits=splits, tokenizer=tokenizer, backbone=None, cache=cache, device=device,
                       log=tracker.log)
@@ -294,6 +307,7 @@ def run_pipeline(cfg: DictConfig, tracker) -> dict:
         "throughput_speedup": timing_fields.get("throughput_speedup"),
         "timing": timing_fields or None,
         "n_eval": len(result.labels),
-        "method_info": {"knob": knob, "finetune": {k: v for k, v in finetune_info.items() if k != "key"}, **job.info},
+        "method_info": {"knob": knob, "finetune": {k: v for k, v in finetune_info.items() if k != "key"},
+                        "determinism": DETERMINISM, **job.info},
         "phase_times": times,
     }

@@ -21,20 +21,18 @@ import gzip
 import json
 import math
 import os
-import socket
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NoReturn
-from urllib.parse import urlparse
 
 import datasets
 import numpy as np
 from omegaconf import DictConfig
 
+from tokenprune import hub as hf_hub
 from tokenprune.errors import SkipJob, UserError
 
 # Salts that give each sampling step its own random stream for the same job seed.
 _CALIB, _TRAIN, _DEV = 1, 2, 3
-_HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def is_regression(task: DictConfig) -> bool:
@@ -231,28 +229,19 @@ def _hub_splits(task: DictConfig) -> list[str]:
     return [s for s, name in task.hub.splits.items() if name is not None]
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _check_hub_reachable() -> None:
-    """Fail in seconds, not after minutes of retries, when there is no route to the hub."""
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    url = urlparse(proxy or os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
-    try:
-        socket.create_connection((host, port), timeout=_HUB_PROBE_TIMEOUT_S).close()
-    except OSError as e:
+    reason = hf_hub.unreachable()
+    if reason is not None:
         raise UserError(
-            f"data.source=hub cannot reach {host}:{port} ({e}): connect to the network, set "
+            f"data.source=hub cannot reach {reason}: connect to the network, set "
             "HF_HUB_OFFLINE=1 to use a cached copy, or use data.source=local with data.root "
             "(or TOKENPRUNE_DATA) pointing at the task files."
-        ) from e
+        )
 
 
 def _read_hub_split(task: DictConfig, split: str) -> datasets.Dataset:
     hub = task.hub
-    if not _hub_offline():
+    if not hf_hub.offline():
         _check_hub_reachable()
     try:
         ds = datasets.load_dataset(hub.path, hub.name, split=hub.splits[split])
