@@ -1,0 +1,378 @@
+"""PrunableEncoder: the one forward loop over a BERT-style backbone's layers, with token policies.
+
+The loop calls each layer's own sub-modules (Q/K/V projections, attention output, FFN), never HF's
+`BertLayer.forward`, whose plumbing changes between transformers versions. A `TokenPolicy` plugs in
+at two points of every layer i:
+
+    (a) before_layer(i, state)           from the hidden states entering layer i (TR-BERT, AdapLeR);
+    (b) after_attention(i, state, probs) after layer i's attention sub-layer (residual + LayerNorm),
+                                         before its FFN, from that layer's attention probabilities
+                                         (PoWER-BERT, LTP, LAT).
+
+Both return a `Decision` or None. A decision can be hard (`keep`, a bool B×n mask) or soft: an
+additive log-mask on the attention logits of keys (`key_logmask`, accumulated over the rest of the
+forward) and/or a multiplicative mask on the hidden states (`hidden_scale`, applied once, there).
+[CLS] is always kept: hard decisions never drop it and soft masks leave it untouched.
+
+Two modes, same decisions:
+    mask    shapes stay fixed; a hard-dropped token stops being attended to and its state is frozen
+            at its last complete state (the input of the layer that dropped it). Training, soft removal.
+    gather  dropped tokens are physically removed. Each row keeps its own tokens in their original
+            order ([CLS] at index 0); rows shorter than the batch's longest kept count are padded and
+            masked. Padding never survives a gather. `restore=True` scatters every dropped token's
+            last state back to its original position, giving a full-length output.
+
+Every forward returns the logits and a `Trace`: per example, the real tokens entering each layer's
+attention and FFN, and the FLOPs the policy's own selector spent (see flops.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokenprune.errors import UserError
+
+MODES = ("mask", "gather")
+ATTENTIONS = ("sdpa", "eager")
+
+
+@dataclass
+class TokenState:
+    """What a policy sees at a plug-in point. All B×n tensors are over the current slots."""
+
+    hidden: Tensor  # B×n×d: the layer's input at (a); the attention sub-layer's output at (b)
+    mask: Tensor  # B×n bool: real tokens still in play (False: padding, or dropped earlier)
+    positions: Tensor  # B×n long: each slot's original position in the input (0 is [CLS])
+    lengths: Tensor  # B long: real input lengths
+    key_logmask: Tensor | None  # B×n float: soft key mask accumulated so far (None: none yet)
+    layer: int
+    mode: str
+
+
+@dataclass
+class Decision:
+    """A policy's decision over the current slots (B×n). Every field is optional.
+
+    keep:         bool, hard: False drops the token from here on ([CLS] and padding: ignored).
+    key_logmask:  float, soft: added to the attention logits of these keys in this and every later
+                  attention (at (b): from the next layer on); decisions add up (a product of masks).
+    hidden_scale: float, soft: multiplies the hidden states now (at (a): the layer's input; at (b):
+                  the FFN's input, so the FFN's residual carries it too).
+    flops:        the selector's own FLOPs for this decision, per example (B,) or one number.
+    """
+
+    keep: Tensor | None = None
+    key_logmask: Tensor | None = None
+    hidden_scale: Tensor | None = None
+    flops: Tensor | float | None = None
+
+    @classmethod
+    def soft(cls, mask: Tensor, on: str = "keys", flops: Tensor | float | None = None, floor: float = -1e4) -> Decision:
+        """A soft mask m in [0, 1] acting on the keys (log m on their logits), the hidden states (×m),
+        or both. The log is floored (AdapLeR's −1e4) so m = 0 stays finite and differentiable."""
+        if on not in ("keys", "hidden", "both"):
+            raise ValueError(f"on must be 'keys', 'hidden' or 'both', not {on!r}")
+        logmask = torch.log(mask).clamp_min(floor) if on in ("keys", "both") else None
+        scale = mask if on in ("hidden", "both") else None
+        return cls(key_logmask=logmask, hidden_scale=scale, flops=flops)
+
+
+class TokenPolicy(nn.Module):
+    """Base class of token policies: decides nothing. Subclasses override what they use.
+
+    It is an nn.Module so learned selectors train through the encoder (their parameters are the
+    encoder's, and `encoder.train()` reaches them). A policy may keep per-forward state (e.g. soft
+    masks for a length loss): `start` is called at the beginning of every forward.
+    """
+
+    def start(self, state: TokenState) -> None:
+        """Called once per forward, after the embeddings, before layer 0."""
+
+    def needs_attention(self, layer: int) -> bool:
+        """True where `after_attention` needs layer `layer`'s attention probabilities; only there are
+        they computed (explicit softmax instead of the fused kernel)."""
+        return False
+
+    def before_layer(self, layer: int, state: TokenState) -> Decision | None:
+        return None
+
+    def after_attention(self, layer: int, state: TokenState, probs: Tensor | None) -> Decision | None:
+        """`probs`: B×H×n×n softmax(QKᵀ/√d_h + mask), before attention dropout; None unless asked."""
+        return None
+
+
+@dataclass
+class Trace:
+    """Per-example token counts of one forward: what flops.py turns into FLOPs."""
+
+    attn_tokens: Tensor  # B×L long: real tokens entering each layer's attention
+    ffn_tokens: Tensor  # B×L long: real tokens entering each layer's FFN
+    selector_flops: Tensor  # B float64: FLOPs of the policy's own selectors
+    lengths: Tensor  # B long: real input lengths
+
+
+@dataclass
+class EncoderOutput:
+    logits: Tensor  # B×C (C = 1: regression)
+    trace: Trace
+    hidden: Tensor  # last hidden states: B×n×d over the final slots; full length B×N×d in mask mode or with restore
+    mask: Tensor  # B×n bool: slots of `hidden` holding tokens kept to the end (restore: the input's real tokens)
+    positions: Tensor  # B×n long: original position of each slot of `hidden`
+
+
+def backbone_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(base model with embeddings/encoder.layer/pooler, classifier) of a BERT-style classifier."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    classifier = getattr(model, "classifier", None)
+    if base is None or not hasattr(base, "embeddings") or layers is None or not isinstance(classifier, nn.Linear):
+        raise UserError(
+            f"PrunableEncoder runs BERT-style *ForSequenceClassification models (embeddings, encoder.layer, "
+            f"pooler, linear classifier), and {type(model).__name__} is not one: choose a BERT-family model."
+        )
+    return base, classifier
+
+
+class _Tokens:
+    """The token bookkeeping of one forward: which slots are alive, where they came from, the soft
+    key mask, the selector FLOPs, the restore buffer, and the attention masks derived from them."""
+
+    def __init__(self, alive: Tensor, lengths: Tensor, soft_dtype: torch.dtype):
+        B, N = alive.shape
+        self.alive = alive
+        self.positions = torch.arange(N, device=alive.device).expand(B, N)
+        self.lengths = lengths
+        self.counts = lengths  # real tokens alive per example
+        self.key_logmask: Tensor | None = None
+        self.selector_flops = torch.zeros(B, dtype=torch.float64, device=alive.device)
+        self.dropped = False  # a hard decision has dropped something (mask mode freezes those tokens)
+        self.buffer: Tensor | None = None  # restore: B×(N+1)×d, the last column takes writes to ignore
+        self.soft_dtype = soft_dtype
+        self._masks: dict = {}
+
+    def changed(self) -> None:
+        self._masks = {}
+
+    def _all_alive(self) -> bool:
+        if "all" not in self._masks:
+            self._masks["all"] = bool(self.alive.all())
+        return self._masks["all"]
+
+    def sdpa_mask(self) -> Tensor | None:
+        """None, a bool key mask, or (with soft masks) an additive one; B×1×1×n, broadcast over queries."""
+        if self.key_logmask is not None:
+            return self.additive_mask()
+        if "sdpa" not in self._masks:
+            self._masks["sdpa"] = None if self._all_alive() else self.alive[:, None, None, :]
+        return self._masks["sdpa"]
+
+    def additive_mask(self) -> Tensor | None:
+        if "add" not in self._masks:
+            if self.key_logmask is None and self._all_alive():
+                mask = None
+            else:
+                soft = 0.0 if self.key_logmask is None else self.key_logmask.to(self.soft_dtype)
+                # -inf, not a large negative: a dropped key then gets exactly zero weight, as after a gather
+                mask = torch.where(self.alive, soft, float("-inf")).to(self.soft_dtype)[:, None, None, :]
+            self._masks["add"] = mask
+        return self._masks["add"]
+
+    def state(self, layer: int, hidden: Tensor, mode: str) -> TokenState:
+        return TokenState(hidden, self.alive, self.positions, self.lengths, self.key_logmask, layer, mode)
+
+    def save_last_states(self, last: Tensor) -> None:
+        """Restore: write the alive slots' states at their original positions (survivors are written
+        again later, so only the dropped ones' writes last)."""
+        N = self.buffer.shape[1] - 1
+        index = torch.where(self.alive, self.positions, N)
+        self.buffer.scatter_(1, index[..., None].expand(-1, -1, last.shape[-1]), last)
+
+    def gather(self, keep: Tensor, hidden: Tensor) -> Tensor:
+        """Physically keep the `keep` slots of every row, in their order; rows padded to the longest."""
+        B, n = keep.shape
+        counts = keep.sum(1)
+        self.counts = counts
+        self.changed()
+        K = int(counts.max())
+        if K == n:  # the longest row keeps everything: no column can go, the dropped are only masked
+            self.alive = keep
+            return hidden
+        if B == 1:
+            index = keep[0].nonzero().T
+            self.alive = keep.new_ones(1, K)
+        else:
+            # a stable sort puts each row's kept slots first, in their original order
+            index = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :K]
+            self.alive = torch.arange(K, device=keep.device) < counts[:, None]
+        self.positions = self.positions.gather(1, index)
+        if self.key_logmask is not None:
+            self.key_logmask = self.key_logmask.gather(1, index)
+        return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+class PrunableEncoder(nn.Module):
+    """A HF BERT-style *ForSequenceClassification model run by our own layer loop, with a token policy.
+
+    embeddings → layers (with the policy's decisions) → pooler → dropout → classifier: the model's
+    own head, so logits are the model's (C = 1: a regression head). `attention="eager"` computes every
+    layer's attention explicitly (e.g. for FLOP counting); otherwise sdpa is used except where the
+    policy asks for probabilities.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: TokenPolicy | None = None,
+        mode: str = "gather",
+        restore: bool = False,
+        attention: str = "sdpa",
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, not {attention!r}")
+        backbone_parts(model)  # fail early on a model this loop cannot run
+        self.model = model  # the one registered copy of its weights (state_dict and parameters)
+        self.policy = policy
+        self.mode = mode
+        self.restore = restore
+        self.attention = attention
+        self.training = model.training  # start in the model's mode (a new Module would say "train")
+
+    @property
+    def base(self) -> nn.Module:
+        return backbone_parts(self.model)[0]
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.base.encoder.layer
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> EncoderOutput:
+        B, N = input_ids.shape
+        alive = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        lengths = alive.sum(1)
+        base, classifier = backbone_parts(self.model)
+        hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        tokens = _Tokens(alive, lengths, hidden.dtype)
+        policy, gather = self.policy, self.mode == "gather"
+
+        if gather and self.restore:
+            tokens.buffer = torch.cat([hidden, hidden.new_zeros(B, 1, hidden.shape[-1])], dim=1)
+        if gather and int(lengths.max()) < N:  # padding columns no row needs: gone before layer 0
+            hidden = tokens.gather(alive, hidden)
+        if policy is not None:
+            policy.start(tokens.state(0, hidden, self.mode))
+
+        attn_counts, ffn_counts = [], []
+        for i, layer in enumerate(base.encoder.layer):
+            if policy is not None:
+                decision = policy.before_layer(i, tokens.state(i, hidden, self.mode))
+                if decision is not None:
+                    hidden = self._apply(tokens, decision, hidden)
+            attn_counts.append(tokens.counts)
+            need_probs = policy is not None and policy.needs_attention(i)
+            h, probs = self._attention(layer, hidden, tokens, need_probs)
+            if policy is not None:
+                decision = policy.after_attention(i, tokens.state(i, h, self.mode), probs)
+                del probs  # B×H×n×n: free it before the FFN allocates
+                if decision is not None:
+                    h = self._apply(tokens, decision, h, hidden)
+            ffn_counts.append(tokens.counts)
+            out = self._ffn(layer, h)
+            if not gather and tokens.dropped:
+                # mask mode: a dropped token keeps its last complete state, as restore does after a gather
+                out = torch.where(tokens.alive[..., None], out, hidden)
+            hidden = out
+
+        pooled = base.pooler(hidden) if base.pooler is not None else hidden[:, 0]
+        logits = classifier(self.model.dropout(pooled))
+
+        if policy is None:  # nothing can have changed: the counts are the lengths
+            attn = ffn = lengths[:, None].expand(B, len(base.encoder.layer))
+        else:
+            attn, ffn = torch.stack(attn_counts, 1), torch.stack(ffn_counts, 1)
+        trace = Trace(attn, ffn, tokens.selector_flops, lengths)
+        if gather and self.restore:
+            tokens.save_last_states(hidden)
+            full = tokens.buffer[:, :N]
+            return EncoderOutput(logits, trace, full, alive, torch.arange(N, device=alive.device).expand(B, N))
+        return EncoderOutput(logits, trace, hidden, tokens.alive, tokens.positions)
+
+    def _apply(self, tokens: _Tokens, decision: Decision, hidden: Tensor, last: Tensor | None = None) -> Tensor:
+        """Apply a decision to `hidden` (the states the policy saw). `last` holds each token's last
+        complete state, the layer's input, which restore and mask mode keep for a dropped token;
+        None before a layer, where that is `hidden` itself (after any soft scaling)."""
+        B = hidden.shape[0]
+        if decision.flops is not None:
+            tokens.selector_flops = tokens.selector_flops + torch.as_tensor(
+                decision.flops, dtype=torch.float64, device=hidden.device)
+        if decision.hidden_scale is not None:
+            scale = torch.cat([decision.hidden_scale.new_ones(B, 1), decision.hidden_scale[:, 1:]], dim=1)
+            hidden = hidden * scale[..., None].to(hidden.dtype)
+        if last is None:
+            last = hidden
+        if decision.key_logmask is not None:
+            logmask = torch.cat([decision.key_logmask.new_zeros(B, 1), decision.key_logmask[:, 1:]], dim=1)
+            tokens.key_logmask = logmask if tokens.key_logmask is None else tokens.key_logmask + logmask
+            tokens.changed()
+        if decision.keep is not None:
+            keep = decision.keep.bool() & tokens.alive
+            keep[:, 0] = True
+            if self.mode == "gather":
+                if self.restore:
+                    tokens.save_last_states(last)
+                hidden = tokens.gather(keep, hidden)
+            else:
+                tokens.alive = keep
+                tokens.counts = keep.sum(1)
+                tokens.dropped = True
+                tokens.changed()
+        return hidden
+
+    def _attention(
+        self, layer: nn.Module, x: Tensor, tokens: _Tokens, need_probs: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        sa, out = layer.attention.self, layer.attention.output
+        B, n, _ = x.shape
+        heads, head_dim = sa.num_attention_heads, sa.attention_head_size
+        q = sa.query(x).view(B, n, heads, head_dim).transpose(1, 2)
+        k = sa.key(x).view(B, n, heads, head_dim).transpose(1, 2)
+        v = sa.value(x).view(B, n, heads, head_dim).transpose(1, 2)
+        scale = head_dim**-0.5
+        probs = None
+        if need_probs or self.attention == "eager":
+            scores = torch.matmul(q * scale, k.transpose(-1, -2))  # scaling q is n×d work, not n²
+            mask = tokens.additive_mask()
+            if mask is not None:
+                scores = scores + mask
+            if torch.is_grad_enabled():
+                probs = scores.softmax(-1)
+            else:  # in place: one B×H×n×n buffer, not two (big transient buffers cost page faults on CPU)
+                probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+            context = torch.matmul(sa.dropout(probs), v)
+        else:
+            p = sa.dropout.p if sa.dropout.training else 0.0  # the layer's own mode, as its dropout modules
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.sdpa_mask(), dropout_p=p, scale=scale)
+        context = context.transpose(1, 2).reshape(B, n, heads * head_dim)
+        h = out.LayerNorm(out.dropout(out.dense(context)) + x)
+        return h, (probs if need_probs else None)
+
+    @staticmethod
+    def _ffn(layer: nn.Module, h: Tensor) -> Tensor:
+        inter = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(h))
+        out = layer.output
+        return out.LayerNorm(out.dropout(out.dense(inter)) + h)

@@ -1,0 +1,106 @@
+"""Evaluation through the PrunableEncoder: predictions, labels and the tokens every layer processed.
+
+`run_eval` gives an `EvalResult`; `flops_report` turns one into per-example FLOPs and the speedup
+against the full backbone (flops.py has the accounting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tokenprune import flops
+from tokenprune.encoder import PrunableEncoder, TokenPolicy
+
+
+@dataclass
+class EvalResult:
+    predictions: np.ndarray  # N: class ids, or floats for regression (num_labels == 1)
+    labels: np.ndarray | None  # N, as the loader gave them (None: the split has none)
+    logits: np.ndarray  # N×C
+    attn_tokens: np.ndarray  # N×L: real tokens entering each layer's attention
+    ffn_tokens: np.ndarray  # N×L: real tokens entering each layer's FFN
+    selector_flops: np.ndarray  # N: the policy's own selector FLOPs
+    lengths: np.ndarray  # N: real input lengths ([CLS] and [SEP] included)
+    idx: np.ndarray  # N: the examples' `idx`, in evaluation order
+
+    def __len__(self) -> int:
+        return len(self.predictions)
+
+
+def run_eval(
+    model: torch.nn.Module,
+    policy: TokenPolicy | None,
+    loader: Iterable[dict],
+    device: torch.device | str,
+    mode: str = "gather",
+    progress: bool | None = None,
+) -> EvalResult:
+    """Evaluate `model` with `policy` over dict batches (`input_ids`, `attention_mask`,
+    `token_type_ids`, `labels`, `idx`) under inference mode. The model and policy are put in eval
+    mode and given back in the mode they were in. progress: None shows a bar on a terminal only."""
+    encoder = PrunableEncoder(model, policy, mode=mode)
+    was_training = encoder.training
+    encoder.eval()
+    logits, labels, attn, ffn, selector, lengths, idx = [], [], [], [], [], [], []
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc="evaluate", leave=False, disable=None if progress is None else not progress):
+                ids = batch["input_ids"].to(device)
+                mask = batch.get("attention_mask")
+                types = batch.get("token_type_ids")
+                mask = None if mask is None else mask.to(device)
+                types = None if types is None else types.to(device)
+                out = encoder(ids, mask, types)
+                logits.append(out.logits.float().cpu())
+                attn.append(out.trace.attn_tokens.cpu())
+                ffn.append(out.trace.ffn_tokens.cpu())
+                selector.append(out.trace.selector_flops.cpu())
+                lengths.append(out.trace.lengths.cpu())
+                if "labels" in batch:
+                    labels.append(batch["labels"].cpu())
+                if "idx" in batch:
+                    idx.append(batch["idx"].cpu())
+    finally:
+        encoder.train(was_training)
+    all_logits = torch.cat(logits).numpy()
+    predictions = all_logits[:, 0] if all_logits.shape[1] == 1 else all_logits.argmax(-1)
+    return EvalResult(
+        predictions=predictions,
+        labels=torch.cat(labels).numpy() if labels else None,
+        logits=all_logits,
+        attn_tokens=torch.cat(attn).numpy(),
+        ffn_tokens=torch.cat(ffn).numpy(),
+        selector_flops=torch.cat(selector).numpy(),
+        lengths=torch.cat(lengths).numpy(),
+        idx=torch.cat(idx).numpy() if idx else np.arange(len(predictions)),
+    )
+
+
+@dataclass
+class FlopsReport:
+    flops: np.ndarray  # N: the method's FLOPs per example
+    baseline_flops: np.ndarray  # N: the full backbone's on the same examples
+    speedup: float  # Σ baseline / Σ method
+    mode: str
+
+
+def flops_report(
+    result: EvalResult,
+    config: Any,
+    baseline_config: Any,
+    mode: str = "canonical",
+    padded_len: int | None = None,
+) -> FlopsReport:
+    """Per-example FLOPs and the speedup of an evaluated method. `config` is the evaluated model's;
+    the baseline always uses `baseline_config`, the full backbone's (a distilled student has fewer
+    layers). padded_len: for `powerbert` (default: the longest example)."""
+    padded = padded_len if padded_len is not None else int(result.lengths.max())
+    ours = flops.method_flops(result.attn_tokens, result.ffn_tokens, config, result.selector_flops,
+                              result.lengths, mode, padded)
+    base = flops.baseline_flops(result.lengths, baseline_config, mode, padded)
+    return FlopsReport(ours, base, flops.speedup(base, ours), mode)
