@@ -21,6 +21,8 @@ def job_config(tmp_path: Path, *overrides: str):
 def run_py(tmp_path: Path, *args: str, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
     """`python run.py ARGS` on the smoke settings, its records and cache under tmp_path."""
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "run.py", *SMOKE, f"cache_dir={tmp_path / 'cache'}",
-           f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}", *args]
+    flags = [a for a in args if a.startswith("-")]  # Hydra wants -m before the overrides
+    cmd = [sys.executable, "run.py", *flags, *SMOKE, f"cache_dir={tmp_path / 'cache'}",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}",
+           *[a for a in args if not a.startswith("-")]]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **popen)

@@ -38,7 +38,7 @@ def test_a_nan_loss_stops_the_job_with_a_clear_error(tmp_path):
 def test_sweep_killed_half_way_resumes_only_unfinished_jobs(tmp_path):
     args = ["-m", "method=bert", "task=wnli,mrpc,stsb"]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "run.py", *SMOKE, f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", *args]
+    cmd = [sys.executable, "run.py", "-m", *SMOKE, f"cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", *args[1:]]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not list((tmp_path / "sweep").glob("*/result.json")):

@@ -290,7 +290,8 @@ def run_pipeline(cfg: DictConfig, tracker) -> dict:
         extra_result = run_eval(model, policy, job.loader(extra), device)
         metrics.update({f"{extra}/{k}": v for k, v in score(cfg.task, extra_result)[2].items()})
 
-    counts = flops.summarize(result, baseline, model.config, backbone.config, mode=cfg.measure.flops_mode)
+    counts = flops.summarize(result, baseline, model.config, backbone.config, mode=cfg.measure.flops_mode,
+                             padded_len=cfg.task.max_length)  # PoWER-BERT's mode counts padded positions
 
     timing_fields: dict = {}
     if cfg.measure.timing:

@@ -11,6 +11,12 @@ from tokenprune.methods.base import Job, Method
 REGISTRY = {
     "bert": "tokenprune.methods.base:Method",
     "topk": "tokenprune.methods.topk:TopK",
+    "powerbert": "tokenprune.methods.powerbert:PowerBert",
+    "random": "tokenprune.methods.random_drop:RandomDrop",
+    "distilbert": "tokenprune.methods.distilbert:DistilBert",
+    "truncate": "tokenprune.methods.truncate:Truncate",
+    "trbert": "tokenprune.methods.trbert:TrBert",
+    "adapler": "tokenprune.methods.adapler:AdapLeR",
 }
 
 
