@@ -1,0 +1,645 @@
+"""method=trbert: TR-BERT (Ye et al., NAACL 2021), dynamic token reduction by a learned policy.
+
+Inference. Two selectors, MLPs d → 32 → 1 (GELU, sigmoid), sit before layers 1 and L//2 (0-based:
+layers 1 and 3 of a 6-layer model, 1 and 6 of BERT-base). Each maps the hidden state of every token
+still in play to a keep probability p; a token goes on iff p ≥ threshold. [CLS] is always kept,
+padding never, and a selection only happens where more than [CLS] is left. The runner runs them in
+`gather` mode: dropped tokens are physically removed. In a batch every row keeps its own tokens;
+`method.batch_max=true` reproduces the original's batched rule instead (each row keeps its top-K by p,
+K = the batch's largest keep count; padding is still never kept). The selectors' FLOPs are charged
+on the tokens they really run on (2·(32d + 32) per token), per example, through `Decision.flops`.
+
+Training (each phase cached on the backbone's key and its own parameters):
+
+    B   residual-strategy scores on train from the fine-tuned backbone: for selection point s with
+        source layer σ_s (the layer whose output enters it: 0 and L//2 − 1) and reference layer r,
+        score_s(t) = |⟨∂CE/∂h^(r)_t, h^(r)_t − h^(σ_s)_t⟩|. r = 2L//3 (8 for BERT-base, 4 for 6 layers,
+        as in the original), at least one past the last source.
+    B′  (method.init_selector) the selectors regress y_t = 1 − rank_t/n of those scores (L1, mean
+        over real tokens), backbone at full length.
+    C   backbone frozen (eval mode, no dropout); the selectors train by REINFORCE. Each example is
+        tiled K times; at each point a_t ~ Bernoulli(p_t) over real non-[CLS] tokens. Reward
+        R = −CE − α·ΔL with ΔL = mean over points of (tokens kept)/(real length); baseline the mean
+        of R over the K rollouts of the example; loss mean((R − b)·NLL) with NLL the per-token mean
+        Bernoulli NLL summed over points. For the first `guide_rate` of the steps rollout 1 of each
+        example takes the heuristic action instead (the top-m tokens by the phase-B score,
+        m = round(Σ p), the policy's own expected count), its NLL still the policy's.
+        α here is the task's own (alpha), independent of the target, so C is shared by all targets.
+    D   the backbone's logits on train (the teacher), cached.
+    E   backbone and selectors jointly: the same rollouts, task loss soft cross-entropy to the
+        teacher (T = 1; MSE for regression), reward R = −soft-CE − α_E·ΔL, loss mean soft-CE + policy
+        loss. α_E = alpha·(speedup − 1) with knob=speedup (so a harder target trains a policy that
+        drops more), alpha itself with knob=alpha.
+
+Then (knob=speedup) the threshold is calibrated on calib, in gather mode with the eval batching: the
+smallest threshold whose canonical FLOPs speedup is at least the target (bisection on the logit).
+
+Choices and deviations from the original, on purpose:
+  * Rollouts run in `mask` mode (hard masks: for the kept tokens the same as a gather, and a fixed
+    shape for the K·B tiled rows); inference runs in `gather` mode.
+  * The length penalty is relative to the example's *real* length in training and at evaluation
+    alike (the original divides by the padded length in training and the real one in evaluation).
+  * [CLS] is not an action: it is excluded from the NLL's per-token mean and from m.
+  * log p is computed as logsigmoid (stable) instead of log(p + 1e-6).
+  * Phase E detaches the selectors' inputs by default (`detach_selector_input`): the policy loss
+    trains the selectors, not the backbone.
+  * K, the epochs and the examples of B–E follow the budget (`method.budgets`); no checkpoint
+    selection in C and E (the last epoch's weights; never dev).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+from transformers import AutoModelForSequenceClassification
+
+from tokenprune import flops
+from tokenprune.data import make_loader
+from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenState
+from tokenprune.errors import UserError
+from tokenprune.evaluate import run_eval
+from tokenprune.methods.base import Method
+from tokenprune.train import fit, to_device
+
+log = logging.getLogger(__name__)
+
+CODE = "trbert-1"  # bump when a phase's code changes what it produces
+
+
+# ---- geometry ------------------------------------------------------------------------------------
+
+def selection_points(layers: int) -> list[int]:
+    """0-based layers before which the selectors run: 1 and L//2 (one point when they coincide)."""
+    points = sorted({p for p in (1, layers // 2) if 1 <= p < layers})
+    if not points:
+        raise UserError(f"method=trbert needs a backbone of at least 2 layers, and this one has {layers}.")
+    return points
+
+
+def score_layers(layers: int) -> tuple[int, list[int]]:
+    """(reference layer r, source layers σ_s) of the phase-B scores, as layer outputs (0-based).
+    The sources are the layers whose outputs enter the selection points; r = 2L//3 as in the original
+    (8 of 12, 4 of 6), kept past the last source and inside the model."""
+    sources = [p - 1 for p in selection_points(layers)]
+    ref = min(max(2 * layers // 3, sources[-1] + 1), layers - 1)
+    return ref, sources
+
+
+# ---- the policy ----------------------------------------------------------------------------------
+
+class Selector(nn.Module):
+    """p = σ(w₂ᵀ GELU(W₁h + b₁) + b₂); forward returns the logit."""
+
+    def __init__(self, d: int, hidden: int = 32):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(h))).squeeze(-1)
+
+
+class TrBertPolicy(TokenPolicy):
+    """The two selectors as a token policy.
+
+    action: `threshold` (inference: keep iff logit ≥ tau), `sample` (Bernoulli rollouts, the NLL
+    recorded for the policy loss), or `full` (nothing dropped, logits recorded: phase B′).
+    """
+
+    def __init__(self, d: int, layers: int, hidden: int = 32):
+        super().__init__()
+        self.points = selection_points(layers)
+        self.selectors = nn.ModuleList(Selector(d, hidden) for _ in self.points)
+        self.token_flops = 2.0 * (d * hidden + hidden)  # the two matmuls, per token
+        self.action = "threshold"
+        self.tau = 0.0  # logit threshold: p ≥ 0.5
+        self.batch_max = False
+        self.detach_input = True
+        self.guide: Tensor | None = None  # B×S×N phase-B scores by original position
+        self.guide_rows: Tensor | None = None  # B bool: rows that imitate the heuristic
+        self.records: list[dict] = []
+
+    def start(self, state: TokenState) -> None:
+        self.records = []
+
+    def before_layer(self, layer: int, state: TokenState) -> Decision | None:
+        if layer not in self.points:
+            return None
+        s = self.points.index(layer)
+        alive = state.mask
+        counts = alive.sum(1)
+        active = counts > 1  # only [CLS] left: no selection, no selector run
+        cand = alive.clone()
+        cand[:, 0] = False  # [CLS] is not an action
+        cand &= active[:, None]
+        cost = self.token_flops * counts.to(torch.float64) * active.to(torch.float64)
+        h = state.hidden.detach() if self.detach_input else state.hidden
+        with torch.enable_grad() if self.training else nullcontext():
+            z = self.selectors[s](h)
+        if self.action == "full":
+            self.records.append({"logits": z, "cand": cand})
+            return Decision(flops=cost)
+        if self.action == "sample":
+            keep = self._sample(s, z, cand, state)
+        else:
+            keep = self._threshold(z, cand)
+        keep[:, 0] = True
+        keep = torch.where(active[:, None], keep, alive)
+        return Decision(keep=keep, flops=cost)
+
+    def _threshold(self, z: Tensor, cand: Tensor) -> Tensor:
+        keep = (z >= self.tau) & cand
+        if not self.batch_max:
+            return keep
+        k = int(keep.sum(1).max())  # the original: every row keeps the batch's largest count, by p
+        counts = cand.sum(1).clamp(max=k)  # padding is never kept, even where K exceeds a row's tokens
+        if k == 0:
+            return keep
+        top = z.masked_fill(~cand, float("-inf")).topk(min(k, z.shape[1]), dim=1).indices
+        chosen = torch.arange(top.shape[1], device=z.device) < counts[:, None]
+        return torch.zeros_like(cand).scatter_(1, top, chosen)
+
+    def _sample(self, s: int, z: Tensor, cand: Tensor, state: TokenState) -> Tensor:
+        p = torch.sigmoid(z.detach())
+        action = (torch.bernoulli(p) > 0) & cand
+        if self.guide is not None and self.guide_rows is not None and bool(self.guide_rows.any()):
+            scores = self.guide[:, s].gather(1, state.positions).masked_fill(~cand, float("-inf"))
+            m = torch.round((p * cand).sum(1)).long()
+            order = scores.argsort(dim=1, descending=True)
+            ranks = order.argsort(dim=1)
+            heuristic = (ranks < m[:, None]) & cand
+            action = torch.where(self.guide_rows[:, None], heuristic, action)
+        a = action.to(z.dtype)
+        with torch.enable_grad() if self.training else nullcontext():
+            nll = -(a * F.logsigmoid(z) + (1 - a) * F.logsigmoid(-z)) * cand.to(z.dtype)
+            nll = nll.sum(1) / cand.sum(1).clamp(min=1).to(z.dtype)
+        self.records.append({"nll": nll, "kept": action.sum(1) + 1, "counts": state.mask.sum(1), "action": action,
+                             "cand": cand, "input": state.hidden.detach()})
+        return action
+
+    # what a rollout left behind, for the losses
+    def nll(self) -> Tensor:
+        return torch.stack([r["nll"] for r in self.records]).sum(0)
+
+    def kept_fraction(self, lengths: Tensor) -> Tensor:
+        """ΔL: mean over the points of the tokens kept there, relative to the real input length
+        (where no selection ran, everything still in play counts as kept)."""
+        kept = []
+        for r in self.records:
+            kept.append(torch.where(r["counts"] > 1, r["kept"], r["counts"]).to(torch.float32))
+        return torch.stack(kept).mean(0) / lengths.to(torch.float32)
+
+
+class _Trainer(nn.Module):
+    """Backbone + policy through the PrunableEncoder in mask mode, for `train.fit`. A frozen backbone
+    stays in eval mode (no dropout) while the selectors train."""
+
+    def __init__(self, backbone: nn.Module, policy: TrBertPolicy, freeze_backbone: bool):
+        super().__init__()
+        self.backbone, self.policy = backbone, policy
+        # not a registered submodule: backbone and policy are already registered here
+        object.__setattr__(self, "encoder", PrunableEncoder(backbone, policy, mode="mask"))
+        self.freeze = freeze_backbone
+        for p in backbone.parameters():
+            p.requires_grad_(not freeze_backbone)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.training = mode
+        if self.freeze:
+            self.backbone.eval()
+        return self
+
+
+# ---- losses --------------------------------------------------------------------------------------
+
+def task_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-row CE (MSE for a regression head)."""
+    if logits.shape[-1] == 1:
+        return (logits[:, 0] - labels.to(logits.dtype)) ** 2
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def soft_loss(logits: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-row soft cross-entropy to the teacher's distribution (MSE to its output for regression)."""
+    if logits.shape[-1] == 1:
+        return (logits[:, 0] - teacher[:, 0]) ** 2
+    target = F.softmax(teacher / temperature, dim=-1)
+    return -(target * F.log_softmax(logits / temperature, dim=-1)).sum(-1)
+
+
+def reward(task: Tensor, kept_fraction: Tensor, alpha: float) -> Tensor:
+    """R = −task loss − α·ΔL (no gradient)."""
+    return (-task - alpha * kept_fraction).detach()
+
+
+def policy_loss(rewards: Tensor, nll: Tensor, rollouts: int) -> Tensor:
+    """REINFORCE with the per-example mean baseline: mean over rows of (R − mean_K R)·NLL. Rows are
+    example-major (rows i·K … i·K + K − 1 are example i's rollouts)."""
+    r = rewards.view(-1, rollouts)
+    advantage = (r - r.mean(1, keepdim=True)).flatten()
+    return (advantage * nll).mean()
+
+
+def rank_targets(scores: Tensor, mask: Tensor) -> Tensor:
+    """y_t = 1 − rank_t/n over each row's real tokens (best token rank 0); 0 on padding."""
+    s = scores.masked_fill(~mask, float("-inf"))
+    ranks = s.argsort(dim=1, descending=True).argsort(dim=1).to(torch.float32)
+    n = mask.sum(1, keepdim=True).clamp(min=1).to(torch.float32)
+    return torch.where(mask, 1 - ranks / n, torch.zeros_like(ranks))
+
+
+# ---- phase B: residual-strategy scores -----------------------------------------------------------
+
+def residual_scores(backbone: nn.Module, loader, device: torch.device, layers: int) -> dict[int, np.ndarray]:
+    """{example idx: S×n scores} over real tokens, with the backbone in eval mode."""
+    ref, sources = score_layers(layers)
+    backbone.eval()
+    out: dict[int, np.ndarray] = {}
+    for batch in loader:
+        batch = to_device(batch, device)
+        with torch.enable_grad():
+            res = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           token_type_ids=batch["token_type_ids"], output_hidden_states=True)
+            hs = res.hidden_states  # hs[k + 1]: the output of layer k
+            loss = task_loss(res.logits, batch["labels"]).sum()
+            grad = torch.autograd.grad(loss, hs[ref + 1])[0]
+        with torch.no_grad():
+            scores = torch.stack([(grad * (hs[ref + 1] - hs[src + 1])).sum(-1).abs() for src in sources], 1)
+        lengths = batch["attention_mask"].sum(1)
+        for row, idx in enumerate(batch["idx"].tolist()):
+            out[idx] = scores[row, :, : int(lengths[row])].float().cpu().numpy()
+    return out
+
+
+class TrBert(Method):
+    name = "trbert"
+
+    # ---- config -------------------------------------------------------------------------------
+    def _caps(self) -> dict:
+        caps = self.cfg.method.get("budgets") or {}
+        c = caps.get(self.cfg.budget.name)
+        return {} if c is None else OmegaConf.to_container(c, resolve=True)
+
+    @property
+    def rollouts(self) -> int:
+        k = int(self.cfg.method.rollouts)
+        cap = self._caps().get("rollouts")
+        k = min(k, int(cap)) if cap else k
+        if k < 2:
+            raise UserError(f"method.rollouts={k}: the mean baseline needs at least 2 rollouts per example; give 2 or more.")
+        return k
+
+    @property
+    def epochs(self) -> int:
+        cap = self._caps().get("epochs")
+        return min(int(self.cfg.budget.epochs), int(cap)) if cap else int(self.cfg.budget.epochs)
+
+    def alpha(self) -> float:
+        """The task's α (phase C; phase E with knob=alpha)."""
+        m = self.cfg.method
+        if m.alpha is not None:
+            return float(m.alpha)
+        table = m.alpha_by_task
+        return float(table.get(self.cfg.task.name, table.get("default", 1.0)))
+
+    def alpha_joint(self) -> float:
+        """Phase E's α: alpha·(speedup − 1) for knob=speedup (0 at 1×, alpha at 2×, 2·alpha at 3×)."""
+        if self.cfg.method.knob == "alpha":
+            return self.alpha()
+        return self.alpha() * (float(self.cfg.speedup) - 1.0)
+
+    def _check(self) -> None:
+        m = self.cfg.method
+        if m.knob not in ("speedup", "alpha"):
+            raise UserError(f"method.knob={m.knob!r} is not valid: give speedup or alpha.")
+        if not 0 <= float(m.guide_rate) <= 1:
+            raise UserError(f"method.guide_rate={m.guide_rate} is not valid: give a fraction in [0, 1].")
+        if not 0 < float(m.threshold) < 1:
+            raise UserError(f"method.threshold={m.threshold} is not valid: give a probability in (0, 1).")
+        if self.alpha() < 0:
+            raise UserError(f"method.alpha={self.alpha()} is negative: give a length-penalty weight >= 0.")
+
+    # ---- data -------------------------------------------------------------------------------------
+    def _train_split(self):
+        """The examples phases B–E use: a seeded sample of train, capped by the budget."""
+        if not hasattr(self, "_train"):
+            ds = self.job.splits["train"]
+            cap = self._caps().get("max_examples")
+            if cap and len(ds) > cap:
+                rows = np.random.default_rng(self.cfg.seed + 17).permutation(len(ds))[: int(cap)]
+                ds = ds.select(sorted(rows.tolist()))
+            self._train = ds
+        return self._train
+
+    def _loader(self, train: bool, batch_size: int):
+        ds = self._train_split()
+        # training batches of similar length (formed from the sorted order, then shuffled): mask
+        # mode computes padding too, so this keeps the K-fold rollouts cheap
+        return make_loader(ds, batch_size, shuffle=train, seed=self.cfg.seed, sort_by_length=True,
+                           pad_token_id=self.job.tokenizer.pad_token_id or 0)
+
+    def _key(self, **phase) -> dict:
+        n = len(self._train_split())
+        return {"backbone": self.job.backbone_key, "code": CODE, "train_examples": n, **phase}
+
+    def _new_policy(self) -> TrBertPolicy:
+        c = self.job.backbone.config
+        return TrBertPolicy(int(c.hidden_size), int(c.num_hidden_layers), int(self.cfg.method.selector_hidden))
+
+    def _phase(self, name: str, kind: str, key: dict, make) -> Path:
+        start = time.perf_counter()
+        cached = self.job.cache.has(kind, key)
+        path = self.job.cache.get_or_make(kind, key, make)
+        self.job.info.setdefault("phase_times", {})[name] = round(time.perf_counter() - start, 2)
+        self.job.info.setdefault("phase_cached", {})[name] = cached
+        return path
+
+    def _guide_tensor(self, scores: dict[int, np.ndarray], idx: Tensor, width: int) -> Tensor:
+        S = len(selection_points(self.job.backbone.config.num_hidden_layers))
+        g = torch.zeros(len(idx), S, width)
+        for row, i in enumerate(idx.tolist()):
+            sc = scores[i]
+            g[row, :, : sc.shape[1]] = torch.from_numpy(sc)
+        return g
+
+    # ---- phases -------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        self._check()
+        job, cfg, m = self.job, self.cfg, self.cfg.method
+        device = job.device
+        layers = int(job.backbone.config.num_hidden_layers)
+        torch.manual_seed(cfg.seed)
+        eval_bs = int(cfg.train.eval_batch_size)
+        ref, sources = score_layers(layers)
+        job.info.update(selection_points=selection_points(layers), reference_layer=ref, source_layers=sources,
+                        rollouts=self.rollouts, epochs=self.epochs, alpha_rl=self.alpha(),
+                        alpha_joint=self.alpha_joint(), train_examples=len(self._train_split()))
+
+        # B: residual-strategy scores
+        key_b = self._key(phase="scores", ref=ref, sources=sources)
+
+        def make_scores(tmp: Path) -> None:
+            sc = residual_scores(job.backbone, self._loader(False, eval_bs), device, layers)
+            np.savez_compressed(tmp / "scores.npz", **{str(k): v for k, v in sc.items()})
+
+        path = self._phase("B_scores", "trbert_scores", key_b, make_scores)
+        with np.load(path / "scores.npz") as z:
+            scores = {int(k): z[k] for k in z.files}
+
+        # B′: selector init by rank regression (optional)
+        policy = self._new_policy()
+        init_state = None
+        if m.init_selector:
+            key_i = {**key_b, "phase": "init", "epochs": self.epochs, "lr": float(m.selector_lr),
+                     "hidden": int(m.selector_hidden), "seed": cfg.seed, "batch_size": int(m.batch_size)}
+
+            def make_init(tmp: Path) -> None:
+                torch.manual_seed(cfg.seed)
+                pol = self._new_policy()
+                self._init_selectors(pol, scores)
+                torch.save(pol.state_dict(), tmp / "policy.pt")
+
+            path = self._phase("B1_init", "trbert_init", key_i, make_init)
+            init_state = torch.load(path / "policy.pt", map_location="cpu")
+            key_c_init = key_i
+        else:
+            key_c_init = None
+
+        # C: selectors alone by REINFORCE, backbone frozen
+        key_c = {**key_b, "phase": "rl", "init": key_c_init, "alpha": self.alpha(), "rollouts": self.rollouts,
+                 "epochs": self.epochs, "lr": float(m.selector_lr), "guide_rate": float(m.guide_rate),
+                 "hidden": int(m.selector_hidden), "seed": cfg.seed, "batch_size": int(m.batch_size),
+                 "train": OmegaConf.to_container(cfg.train, resolve=True)}
+
+        def make_rl(tmp: Path) -> None:
+            torch.manual_seed(cfg.seed)
+            pol = self._new_policy()
+            if init_state is not None:
+                pol.load_state_dict(init_state)
+            hist = self._reinforce(job.backbone, pol, scores, self.alpha(), joint=False)
+            torch.save(pol.state_dict(), tmp / "policy.pt")
+            (tmp / "info.json").write_text(json.dumps(hist))
+
+        path = self._phase("C_rl", "trbert_rl", key_c, make_rl)
+        policy.load_state_dict(torch.load(path / "policy.pt", map_location="cpu"))
+        self._model = job.backbone
+        self._policy = policy
+
+        if not m.joint:
+            return
+
+        # D: teacher logits on the training examples
+        key_d = self._key(phase="teacher")
+
+        def make_teacher(tmp: Path) -> None:
+            res = run_eval(job.backbone, None, self._loader(False, eval_bs), device, mode="gather", progress=False)
+            np.savez_compressed(tmp / "teacher.npz", idx=res.idx, logits=res.logits)
+
+        path = self._phase("D_teacher", "trbert_teacher", key_d, make_teacher)
+        with np.load(path / "teacher.npz") as z:
+            teacher = dict(zip(z["idx"].tolist(), torch.from_numpy(z["logits"]).float()))
+
+        # E: joint training with the target's α
+        key_e = {**key_c, "phase": "joint", "rl": key_c, "alpha_joint": self.alpha_joint(), "lr_backbone": float(m.lr),
+                 "detach": bool(m.detach_selector_input), "temperature": float(m.teacher_temperature)}
+
+        def make_joint(tmp: Path) -> None:
+            torch.manual_seed(cfg.seed)
+            backbone = copy.deepcopy(job.backbone).to(device)
+            pol = self._new_policy()
+            pol.load_state_dict(policy.state_dict())
+            pol.detach_input = bool(m.detach_selector_input)
+            hist = self._reinforce(backbone, pol, scores, self.alpha_joint(), joint=True, teacher=teacher)
+            backbone.save_pretrained(tmp / "backbone")
+            torch.save(pol.state_dict(), tmp / "policy.pt")
+            (tmp / "info.json").write_text(json.dumps(hist))
+
+        path = self._phase("E_joint", "trbert_joint", key_e, make_joint)
+        model = AutoModelForSequenceClassification.from_pretrained(path / "backbone").to(device).eval()
+        policy = self._new_policy()
+        policy.load_state_dict(torch.load(path / "policy.pt", map_location="cpu"))
+        self._model, self._policy = model, policy
+
+    def _init_selectors(self, policy: TrBertPolicy, scores: dict[int, np.ndarray]) -> None:
+        device, backbone = self.job.device, self.job.backbone
+        trainer = _Trainer(backbone, policy, freeze_backbone=True)
+        policy.action = "full"
+
+        def step(tr: _Trainer, batch: dict) -> Tensor:
+            mask = batch["attention_mask"].bool()
+            g = self._guide_tensor(scores, batch["idx"].cpu(), mask.shape[1]).to(device)
+            with torch.no_grad():
+                tr.encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            loss = 0.0
+            for s, rec in enumerate(policy.records):
+                y = rank_targets(g[:, s], mask)
+                err = (torch.sigmoid(rec["logits"]) - y).abs() * mask
+                loss = loss + (err.sum(1) / mask.sum(1)).mean()
+            return loss
+
+        groups = [{"params": list(policy.parameters()), "lr": float(self.cfg.method.selector_lr), "weight_decay": 0.0}]
+        try:
+            fit(trainer, self._loader(True, int(self.cfg.method.batch_size)), train_cfg=self.cfg.train,
+                epochs=self.epochs, device=device, step_fn=step, param_groups=groups, log_fn=self.job.log,
+                desc="trbert init")
+        finally:
+            for p in backbone.parameters():
+                p.requires_grad_(True)
+            backbone.eval()
+            policy.action = "threshold"
+
+    def _reinforce(self, backbone: nn.Module, policy: TrBertPolicy, scores: dict[int, np.ndarray], alpha: float,
+                   joint: bool, teacher: dict | None = None) -> dict:
+        """Phase C (joint=False: selectors only, heuristic imitation at first) or E (joint=True)."""
+        m, device, K = self.cfg.method, self.job.device, self.rollouts
+        loader = self._loader(True, int(m.batch_size))
+        trainer = _Trainer(backbone, policy, freeze_backbone=not joint)
+        guide_steps = 0 if joint else int(float(m.guide_rate) * self.epochs * len(loader))
+        state = {"step": 0}
+        policy.action = "sample"
+        stats: list[dict] = []
+
+        def step(tr: _Trainer, batch: dict) -> Tensor:
+            tile = lambda x: x.repeat_interleave(K, dim=0)  # noqa: E731 (example-major rows)
+            ids, mask, types = tile(batch["input_ids"]), tile(batch["attention_mask"]), tile(batch["token_type_ids"])
+            if state["step"] < guide_steps:
+                policy.guide = tile(self._guide_tensor(scores, batch["idx"].cpu(), ids.shape[1])).to(device)
+                policy.guide_rows = torch.arange(ids.shape[0], device=device) % K == 0
+            else:
+                policy.guide = policy.guide_rows = None
+            with nullcontext() if joint else torch.no_grad():
+                out = tr.encoder(ids, mask, types)
+            if joint:
+                t = torch.stack([teacher[i] for i in batch["idx"].tolist()]).to(device)
+                task = soft_loss(out.logits, tile(t), float(m.teacher_temperature))
+            else:
+                task = task_loss(out.logits, tile(batch["labels"]))
+            frac = policy.kept_fraction(out.trace.lengths)
+            r = reward(task, frac, alpha)
+            loss = policy_loss(r, policy.nll(), K)
+            if joint:
+                loss = loss + task.mean()
+            if len(stats) < 10_000:
+                stats.append({"reward": float(r.mean()), "kept": float(frac.mean()), "task": float(task.detach().mean())})
+            return loss
+
+        def after(step_no: int) -> None:
+            state["step"] = step_no
+
+        groups = [{"params": list(policy.parameters()), "lr": float(m.selector_lr), "weight_decay": 0.0}]
+        if joint:
+            groups += [g for g in _backbone_groups(backbone, float(m.lr), float(self.cfg.train.weight_decay))]
+        try:
+            info = fit(trainer, loader, train_cfg=self.cfg.train, epochs=self.epochs, device=device, step_fn=step,
+                       param_groups=groups, after_step=after, log_fn=self.job.log,
+                       desc="trbert joint" if joint else "trbert rl")
+        finally:
+            for p in backbone.parameters():
+                p.requires_grad_(True)
+            backbone.eval()
+            policy.action, policy.guide, policy.guide_rows = "threshold", None, None
+        n = max(1, len(stats) // 10)
+        info["first"] = {k: float(np.mean([s[k] for s in stats[:n]])) for k in stats[0]} if stats else {}
+        info["last"] = {k: float(np.mean([s[k] for s in stats[-n:]])) for k in stats[0]} if stats else {}
+        return info
+
+    # ---- the knob -------------------------------------------------------------------------------------
+    def _speedup_at(self, tau: float, loader) -> float:
+        policy = self.policy_at(tau)
+        res = run_eval(self._model, policy, loader, self.job.device, mode="gather", progress=False)
+        base = flops.canonical_baseline(res.lengths, self.job.backbone.config)
+        ours = flops.canonical_flops(res.attn_tokens, res.ffn_tokens, self._model.config, res.selector_flops)
+        return flops.speedup(base, ours)
+
+    def calibrate(self) -> dict:
+        if not hasattr(self, "_policy"):
+            self.fit()
+        m = self.cfg.method
+        if m.knob == "alpha":
+            self.tau = math.log(float(m.threshold) / (1 - float(m.threshold)))
+            return {"threshold": float(m.threshold), "alpha_joint": self.alpha_joint(), "knob": "alpha"}
+        target = float(self.cfg.speedup)
+        loader = self.job.loader("calib")
+        # the selectors' logits on calib without pruning bound the search
+        pol = self.policy_at(0.0)
+        pol.action = "full"
+        enc = PrunableEncoder(self._model, pol, mode="mask").eval()
+        lo, hi = math.inf, -math.inf
+        with torch.inference_mode():
+            for batch in loader:
+                batch = to_device(batch, self.job.device)
+                enc(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+                for rec in pol.records:
+                    z = rec["logits"][rec["cand"]]
+                    if z.numel():
+                        lo, hi = min(lo, float(z.min())), max(hi, float(z.max()))
+        if not math.isfinite(lo):
+            lo, hi = -1.0, 1.0
+        lo, hi = lo - 1.0, hi + 1.0
+        start = time.perf_counter()
+        s_lo = self._speedup_at(lo, loader)
+        if s_lo >= target:  # keeping everything already meets it (a target at or near 1)
+            hi, s_hi = lo, s_lo
+        else:
+            s_hi = self._speedup_at(hi, loader)
+            for _ in range(6):  # pruned runs can see logits beyond the unpruned range: widen
+                if s_hi >= target:
+                    break
+                hi += 2 * (hi - lo)
+                s_hi = self._speedup_at(hi, loader)
+            if s_hi < target:
+                s_inf = self._speedup_at(math.inf, loader)
+                if s_inf < target:
+                    raise UserError(
+                        f"method=trbert cannot reach speedup={target} on this task (at most {s_inf:.2f}x on calib "
+                        f"even keeping only [CLS] after layer 0): lower the speedup target.")
+                hi, s_hi = math.inf, s_inf
+            else:  # invariant: speedup(lo) < target <= speedup(hi)
+                for _ in range(int(m.calib_iters)):
+                    mid = (lo + hi) / 2
+                    s = self._speedup_at(mid, loader)
+                    if s >= target:
+                        hi, s_hi = mid, s
+                    else:
+                        lo = mid
+        self.tau = hi
+        self.job.info.setdefault("phase_times", {})["calibrate"] = round(time.perf_counter() - start, 2)
+        threshold = 1.0 if hi == math.inf else 1 / (1 + math.exp(-hi))
+        return {"threshold": threshold, "threshold_logit": hi, "calib_speedup": s_hi, "alpha_joint": self.alpha_joint(),
+                "knob": "speedup", "batch_max": bool(m.batch_max)}
+
+    def policy_at(self, tau: float) -> TrBertPolicy:
+        pol = self._new_policy()
+        pol.load_state_dict(self._policy.state_dict())
+        pol.tau, pol.batch_max, pol.action = tau, bool(self.cfg.method.batch_max), "threshold"
+        return pol.to(self.job.device).eval()
+
+    def model(self) -> nn.Module:
+        if not hasattr(self, "_model"):
+            self.fit()
+        return self._model
+
+    def policy(self) -> TrBertPolicy:
+        if not hasattr(self, "tau"):
+            self.calibrate()
+        return self.policy_at(self.tau)
+
+
+def _backbone_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+            {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
