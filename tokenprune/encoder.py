@@ -282,7 +282,7 @@ class PrunableEncoder(nn.Module):
             if policy is not None:
                 decision = policy.before_layer(i, tokens.state(i, hidden, self.mode))
                 if decision is not None:
-                    hidden = self._apply(tokens, decision, hidden)
+                    hidden = self._apply_decision(tokens, decision, hidden)
             attn_counts.append(tokens.counts)
             need_probs = policy is not None and policy.needs_attention(i)
             h, probs = self._attention(layer, hidden, tokens, need_probs)
@@ -290,7 +290,7 @@ class PrunableEncoder(nn.Module):
                 decision = policy.after_attention(i, tokens.state(i, h, self.mode), probs)
                 del probs  # B×H×n×n: free it before the FFN allocates
                 if decision is not None:
-                    h = self._apply(tokens, decision, h, hidden)
+                    h = self._apply_decision(tokens, decision, h, hidden)
             ffn_counts.append(tokens.counts)
             out = self._ffn(layer, h)
             if not gather and tokens.dropped:
@@ -312,7 +312,7 @@ class PrunableEncoder(nn.Module):
             return EncoderOutput(logits, trace, full, alive, torch.arange(N, device=alive.device).expand(B, N))
         return EncoderOutput(logits, trace, hidden, tokens.alive, tokens.positions)
 
-    def _apply(self, tokens: _Tokens, decision: Decision, hidden: Tensor, last: Tensor | None = None) -> Tensor:
+    def _apply_decision(self, tokens: _Tokens, decision: Decision, hidden: Tensor, last: Tensor | None = None) -> Tensor:
         """Apply a decision to `hidden` (the states the policy saw). `last` holds each token's last
         complete state, the layer's input, which restore and mask mode keep for a dropped token;
         None before a layer, where that is `hidden` itself (after any soft scaling)."""

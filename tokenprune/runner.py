@@ -188,11 +188,14 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
         record.update(status="failed", error=f"{e.__class__.__name__}: {e}", traceback=traceback.format_exc())
         log.exception("job failed")
     finally:
-        record["hardware"] = results.hardware()
-        record["duration_s"] = round(time.perf_counter() - t0, 2)
-        results.write(record, output_dir, keep_ok=True)
-        if record["status"] == "ok":
-            remember(cfg, record)
+        # No status: the job was resumed (nothing new to write) or interrupted (Ctrl-C, a kill signal
+        # turned into SystemExit): an unfinished job leaves no record, and a re-run does it.
+        if record["status"] is not None:
+            record["hardware"] = results.hardware()
+            record["duration_s"] = round(time.perf_counter() - t0, 2)
+            results.write(record, output_dir, keep_ok=True)
+            if record["status"] == "ok":
+                remember(cfg, record)
         if tracker is not None:
             tracker.finish(record)
     return record

@@ -65,7 +65,7 @@ class WandbTracker(Tracker):
         except Exception as e:  # the record is already written; tracking never stops a sweep
             log.warning(f"W&B summary incomplete: {e}")
         finally:
-            self.run.finish(exit_code=0 if record.get("status") != "failed" else 1)
+            self.run.finish(exit_code=0 if record.get("status") in ("ok", "skipped") else 1)
 
 
 def make_tracker(logger: DictConfig, config: dict, name: str, group: str, tags: list[str]) -> Tracker:
