@@ -20,7 +20,7 @@ from tokenprune.runner import check_config, run_job
 def test_a_failing_job_does_not_sink_the_sweep(tmp_path):
     out = run_py(tmp_path, "-m", "method=topk", "task=sst2", "speedup=1.5,1000")
     assert out.returncode != 0, "a sweep with a failed job exits non-zero"
-    assert "1 of 2 jobs failed" in out.stderr
+    assert "1 of 2 jobs failed" in out.stdout + out.stderr
     df = results.load(tmp_path / "sweep").set_index("speedup_target")
     assert df.loc[1.5, "status"] == "ok"
     assert df.loc[1000.0, "status"] == "failed" and "cannot reach speedup=1000" in df.loc[1000.0, "error"]
@@ -50,7 +50,7 @@ def test_sweep_killed_half_way_resumes_only_unfinished_jobs(tmp_path):
 
     rerun = run_py(tmp_path, *args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert rerun.stderr.count("already done") == len(done_before)
+    assert (rerun.stdout + rerun.stderr).count("already done") == len(done_before)
     for path, text in done_before.items():
         assert path.read_text() == text, "finished records are left as they were"
     df = results.load(tmp_path / "sweep")
