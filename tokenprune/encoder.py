@@ -243,8 +243,6 @@ class PrunableEncoder(nn.Module):
         self.restore = restore
         self.attention = attention
         self.training = model.training  # start in the model's mode (a new Module would say "train")
-        if policy is not None:
-            policy.train(model.training)
 
     @property
     def base(self) -> nn.Module:
