@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
+from transformers import BertConfig, BertForSequenceClassification
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["model=tiny", "budget=smoke", "logger=none", "measure.timing=false", "threads=1"]
@@ -26,3 +28,24 @@ def run_py(tmp_path: Path, *args: str, timeout: int = 600, **popen) -> subproces
            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}",
            *[a for a in args if not a.startswith("-")]]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def tiny_model(layers: int = 4, seed: int = 0, num_labels: int = 2) -> BertForSequenceClassification:
+    """The tiny random BERT of model=tiny, in eval mode."""
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=256, max_position_embeddings=512, num_labels=num_labels)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def make_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, token_type_ids) of random examples with these real lengths,
+    [CLS] first and [SEP] last, padded with zeros."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, :n] = torch.randint(1000, 5000, (n,), generator=g)
+        ids[b, 0], ids[b, n - 1] = 101, 102
+        mask[b, :n] = 1
+    return ids, mask, torch.zeros_like(ids)

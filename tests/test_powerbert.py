@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from transformers import BertConfig, BertForSequenceClassification
 
 from tokenprune.encoder import PrunableEncoder, TokenState
 from tokenprune.errors import UserError
@@ -16,26 +15,12 @@ from tokenprune.methods.powerbert import (HardExtractPolicy, SoftExtractPolicy, 
                                           read_out)
 from tokenprune.methods.random_drop import RandomPolicy, attach_ids
 
+from helpers import make_batch, tiny_model
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TOL = 1e-5
 
 
-def tiny_model(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                     intermediate_size=256, max_position_embeddings=512, num_labels=2)
-    return BertForSequenceClassification(cfg).eval()
-
-
-def make_batch(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        ids[b, :n] = torch.randint(1000, 5000, (n,), generator=g)
-        ids[b, 0], ids[b, n - 1] = 101, 102
-        mask[b, :n] = 1
-    return ids, mask, torch.zeros_like(ids)
 
 
 # ---- the configuration ---------------------------------------------------------------------------

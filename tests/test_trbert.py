@@ -6,31 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from transformers import BertConfig, BertForSequenceClassification
 
 from tokenprune.encoder import PrunableEncoder
 from tokenprune.methods.trbert import (TrBertPolicy, policy_loss, rank_targets, reward, score_layers,
                                        selection_points)
 
+from helpers import make_batch, tiny_model
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def tiny_model(layers=4, seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=256, max_position_embeddings=512, num_labels=2)
-    return BertForSequenceClassification(cfg).eval()
-
-
-def make_batch(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        ids[b, :n] = torch.randint(1000, 5000, (n,), generator=g)
-        ids[b, 0], ids[b, n - 1] = 101, 102
-        mask[b, :n] = 1
-    return ids, mask, torch.zeros_like(ids)
 
 
 def test_reward_and_baseline_by_hand():
