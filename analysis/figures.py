@@ -41,7 +41,7 @@ DEFAULT_AXES = ("flops_speedup", "wallclock_speedup_b1")
 METRIC_LABELS = {"accuracy": "accuracy", "f1": "F1", "matthews": "Matthews corr.", "spearman": "Spearman corr.", "pearson": "Pearson corr."}
 TASK_ORDER = ["cola", "sst2", "mrpc", "rte", "stsb", "qnli", "mnli", "qqp", "wnli", "imdb", "news20", "hyperpartisan"]
 # One colour, marker and frontier line style per method, stable across every figure.
-KNOWN_METHODS = ["topk", "trbert", "adapler", "powerbert", "distilbert", "truncation", "random", "ltp", "lat"]
+KNOWN_METHODS = ["topk", "trbert", "adapler", "powerbert", "distilbert", "truncate", "random", "ltp", "lat"]
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h"]
 LINESTYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 1)), (0, (5, 2, 1, 2)), (0, (8, 2)), (0, (2, 2))]
