@@ -146,3 +146,14 @@ def test_malformed_task_file_names_file_and_line(tmp_path):
     (bad / "dev.tsv").write_text("\n".join(good[:10]) + "\n")
     record = run_job(job_config(tmp_path, "task=wnli", f"data.root={tmp_path / 'data'}"), tmp_path / "job")
     assert record["status"] == "failed" and "train.tsv" in record["error"] and "line 6" in record["error"]
+
+
+def test_a_split_left_empty_gets_one_sentence(tmp_path):
+    data = tmp_path / "data" / "WNLI"
+    data.mkdir(parents=True)
+    good = (REPO.parent / "shared" / "data" / "WNLI" / "train.tsv").read_text().splitlines()
+    (data / "train.tsv").write_text("\n".join(good[:200]) + "\n")
+    (data / "dev.tsv").write_text(good[0] + "\n")  # a header and no rows
+    record = run_job(job_config(tmp_path, "task=wnli", f"data.root={tmp_path / 'data'}"), tmp_path / "job")
+    assert record["status"] == "failed" and "dev split of task wnli is empty" in record["error"]
+    assert record["traceback"] is None
