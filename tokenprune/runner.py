@@ -205,7 +205,7 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
 
 def job_key(config: dict) -> dict:
     """What makes two jobs the same job: the resolved config, less where its outputs go and how it is
-    watched, plus the code version."""
+    watched (the record index adds the code version to it)."""
     return {k: v for k, v in config.items() if k not in ("logger", "resume", "cache_dir")}
 
 
