@@ -13,7 +13,7 @@ from test_encoder import DropPositions, make_batch, tiny_model
 from tokenprune import flops
 from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy
 from tokenprune.errors import UserError
-from tokenprune.evaluate import flops_report, run_eval
+from tokenprune.evaluate import run_eval
 from tokenprune.methods.base import Job
 from tokenprune.methods.topk import TopK, TopKPolicy, calibrate_keep_fraction, topk_counts
 
@@ -147,16 +147,17 @@ def loader(lengths_per_batch, num_labels=2, seed=0):
     return batches
 
 
-def test_run_eval_and_flops_report(tiny):
+def test_run_eval_and_its_flops(tiny):
     data = loader([[30, 25, 20], [12, 9]])
     full = run_eval(tiny, None, data, "cpu")
     pruned = run_eval(tiny, TopKPolicy(1, 0.5), data, "cpu")
     assert full.attn_tokens.shape == (5, 4) and full.lengths.tolist() == [30, 25, 20, 12, 9]
     assert full.idx.tolist() == [0, 1, 2, 3, 4] and len(full.labels) == 5 and full.predictions.dtype.kind == "i"
     assert pruned.ffn_tokens[:, 1].tolist() == [15, 13, 10, 6, 5]  # round(n/2), from layer 1's FFN on
-    report = flops_report(pruned, tiny.config, tiny.config)
-    assert report.flops.shape == (5,) and report.speedup > 1
-    assert flops_report(full, tiny.config, tiny.config).speedup == pytest.approx(1.0)
+    per_example = flops.method_flops(pruned.attn_tokens, pruned.ffn_tokens, tiny.config, pruned.selector_flops,
+                                     pruned.lengths)
+    assert per_example.shape == (5,) and flops.summarize(pruned, None, tiny.config, tiny.config)["flops_speedup"] > 1
+    assert flops.summarize(full, None, tiny.config, tiny.config)["flops_speedup"] == pytest.approx(1.0)
     assert not tiny.training
 
 
@@ -167,7 +168,6 @@ def test_student_with_fewer_layers_is_measured_against_the_full_backbone(tiny):
     student = BertForSequenceClassification(student_cfg).eval()
     result = run_eval(student, None, data, "cpu")
     assert result.attn_tokens.shape == (2, 2)
-    assert flops_report(result, student.config, tiny.config).speedup == pytest.approx(2.0, rel=0.01)
     record = flops.summarize(result, None, student.config, tiny.config)
     assert record["flops_speedup"] == pytest.approx(2.0, rel=0.01)
     assert set(record["flops_speedups"]) == set(flops.MODES)
@@ -199,7 +199,7 @@ def test_topk_knob_meets_its_target(tiny, target):
     # the policy really produces the counts the calibration assumed
     data = loader([LENGTHS[:5], LENGTHS[5:]])
     result = run_eval(tiny, TopKPolicy(1, f), data, "cpu")
-    assert flops_report(result, tiny.config, tiny.config).speedup == pytest.approx(speedup(f))
+    assert flops.summarize(result, None, tiny.config, tiny.config)["flops_speedup"] == pytest.approx(speedup(f))
 
 
 def test_topk_unreachable_target_is_a_user_error(tiny):

@@ -1,19 +1,18 @@
 """Evaluation through the PrunableEncoder: predictions, labels and the tokens every layer processed.
 
-`run_eval` gives an `EvalResult`; `flops_report` turns one into per-example FLOPs and the speedup
-against the full backbone (flops.py has the accounting).
+`run_eval` gives an `EvalResult`; `flops.summarize` turns one into the record's FLOPs fields and the
+speedup against the full backbone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tokenprune import flops
 from tokenprune.encoder import PrunableEncoder, TokenPolicy
 
 
@@ -79,28 +78,3 @@ def run_eval(
         lengths=torch.cat(lengths).numpy(),
         idx=torch.cat(idx).numpy() if idx else np.arange(len(predictions)),
     )
-
-
-@dataclass
-class FlopsReport:
-    flops: np.ndarray  # N: the method's FLOPs per example
-    baseline_flops: np.ndarray  # N: the full backbone's on the same examples
-    speedup: float  # Σ baseline / Σ method
-    mode: str
-
-
-def flops_report(
-    result: EvalResult,
-    config: Any,
-    baseline_config: Any,
-    mode: str = "canonical",
-    padded_len: int | None = None,
-) -> FlopsReport:
-    """Per-example FLOPs and the speedup of an evaluated method. `config` is the evaluated model's;
-    the baseline always uses `baseline_config`, the full backbone's (a distilled student has fewer
-    layers). padded_len: for `powerbert` (default: the longest example)."""
-    padded = padded_len if padded_len is not None else int(result.lengths.max())
-    ours = flops.method_flops(result.attn_tokens, result.ffn_tokens, config, result.selector_flops,
-                              result.lengths, mode, padded)
-    base = flops.baseline_flops(result.lengths, baseline_config, mode, padded)
-    return FlopsReport(ours, base, flops.speedup(base, ours), mode)
