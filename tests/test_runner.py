@@ -59,3 +59,27 @@ def test_hub_model_without_network_fails_within_seconds(tmp_path, monkeypatch):
     record = run_job(job_config(tmp_path, "model=bert_base"), tmp_path / "job")
     assert record["status"] == "failed" and "cannot be reached" in record["error"]
     assert record["duration_s"] < 30
+
+
+def test_bert_and_topk_records_carry_sane_flops_and_timing(tmp_path):
+    timing_on = ["measure.timing=true", "measure.n_latency=4", "measure.n_throughput=8", "measure.warmup=1", "measure.repeats=1"]
+    bert = run_job(job_config(tmp_path, "task=wnli", *timing_on), tmp_path / "bert")
+    topk = run_job(job_config(tmp_path, "task=wnli", "method=topk", "speedup=2", *timing_on), tmp_path / "topk")
+    assert bert["status"] == topk["status"] == "ok"
+    assert bert["flops_speedup"] == 1.0 and bert["flops_per_example"] == bert["baseline_flops_per_example"]
+    assert bert["metric"] == bert["baseline_metric"]
+    assert topk["baseline_flops_per_example"] >= topk["flops_per_example"]
+    assert topk["flops_speedup"] == pytest.approx(2.0, rel=0.1)
+    assert topk["baseline_flops_per_example"] == bert["baseline_flops_per_example"], "same backbone, same examples"
+    for record in (bert, topk):
+        for field in ("latency_ms_b1", "baseline_latency_ms_b1", "wallclock_speedup_b1", "throughput_speedup"):
+            assert record[field] is not None and record[field] > 0
+        assert record["wallclock_speedup_b1"] == pytest.approx(record["baseline_latency_ms_b1"] / record["latency_ms_b1"], rel=0.5)
+    layers = topk["tokens_per_layer"]["ffn"]
+    assert layers[0] > layers[1] == layers[-1], "tokens drop after layer 1's attention and stay down"
+
+
+def test_timing_off_leaves_timing_fields_null(tmp_path):
+    record = run_job(job_config(tmp_path, "task=wnli"), tmp_path / "job")
+    assert record["status"] == "ok"
+    assert record["latency_ms_b1"] is None and record["wallclock_speedup_b1"] is None and record["timing"] is None
