@@ -94,10 +94,8 @@ class SuiteSweeper(BasicSweeper):
         counts: dict[str, int] = {}
         for batch in returns:
             for job in batch:
-                if job.status == JobStatus.COMPLETED and isinstance(job._return_value, dict):
-                    status = job._return_value.get("status", "failed")
-                else:
-                    status = "failed"
+                record = job.return_value if job.status == JobStatus.COMPLETED else None
+                status = record.get("status", "failed") if isinstance(record, dict) else "failed"
                 counts[status] = counts.get(status, 0) + 1
         total = sum(counts.values())
         summary = ", ".join(f"{counts[s]} {s}" for s in ("ok", "skipped", "failed") if counts.get(s))
