@@ -216,19 +216,6 @@ def task_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels)
 
 
-class Trainable(nn.Module):
-    """A model and its policy as one module for `train.fit`, run through a PrunableEncoder in `mask`
-    mode. (Not the encoder itself: PrunableEncoder's `_apply` shadows nn.Module's, so `.to()` on
-    it, as fit does, fails.)"""
-
-    def __init__(self, model: nn.Module, policy: TokenPolicy):
-        super().__init__()
-        self.model, self.policy = model, policy
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None):
-        return PrunableEncoder(self.model, self.policy, mode="mask")(input_ids, attention_mask, token_type_ids)
-
-
 def encoder_loss(encoder: nn.Module, batch: dict) -> Tensor:
     out = encoder(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
     return task_loss(out.logits, batch["labels"])
@@ -285,7 +272,7 @@ class PowerBert(Method):
             torch.manual_seed(cfg.seed)
             model = copy.deepcopy(job.backbone)
             policy = SoftExtractPolicy(self._layers(), int(cfg.task.max_length))
-            encoder = Trainable(model, policy)
+            encoder = PrunableEncoder(model, policy, mode="mask")
             groups = default_param_groups(model, cfg.train.lr, cfg.train.weight_decay)
             groups.append({"params": [policy.retention], "lr": lr_soft, "weight_decay": 0.0})
 
@@ -368,10 +355,10 @@ class PowerBert(Method):
             model = load_model(search_path, job.device)
             policy = self.make_policy(fractions)
             self.attach(model, policy)
-            encoder = Trainable(model, policy)
+            encoder = PrunableEncoder(model, policy, mode="mask")
             calib_loader = job.loader("calib")
 
-            def evaluate(enc: Trainable) -> float:  # checkpoint choice on calib, never on dev
+            def evaluate(enc: PrunableEncoder) -> float:  # checkpoint choice on calib, never on dev
                 from tokenprune.runner import score
                 return score(cfg.task, run_eval(enc.model, enc.policy, calib_loader, job.device, mode="gather"))[1]
 
