@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tokenprune.data import encode, load_splits, make_loader, num_labels, read_split
+from tokenprune.data.load import _parts_of, _whole_inputs
 from tokenprune.errors import SkipJob, UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,8 +25,9 @@ needs_data = pytest.mark.skipif(not DATA_ROOT.is_dir(), reason=f"task data not f
 ALL_TASKS = "cola sst2 mrpc rte stsb qnli mnli qqp wnli imdb news20 hyperpartisan".split()
 
 
-def task_cfg(name: str):
-    return OmegaConf.load(REPO / "conf" / "task" / f"{name}.yaml")
+def task_cfg(name: str, **overrides):
+    cfg = OmegaConf.load(REPO / "conf" / "task" / f"{name}.yaml")
+    return OmegaConf.merge(cfg, overrides)
 
 
 def local(root=DATA_ROOT):
@@ -37,9 +39,11 @@ def budget(max_train=None, max_calib=None, max_dev=None):
 
 
 @functools.lru_cache(maxsize=None)
-def splits(name: str, seed: int = 0, max_train=None, max_calib=None, max_dev=None):
-    """Loaded once per argument set for the whole module (IMDB and 20News take seconds)."""
-    return load_splits(task_cfg(name), local(), budget(max_train, max_calib, max_dev), seed)
+def splits(name: str, seed: int = 0, max_train=None, max_calib=None, max_dev=None, whole=False):
+    """Loaded once per argument set for the whole module (IMDB and 20News take seconds). The plain
+    calib draw unless `whole` (SST-2's calib of whole sentences has its own test)."""
+    task = task_cfg(name, calib_whole_inputs=whole)
+    return load_splits(task, local(), budget(max_train, max_calib, max_dev), seed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,7 +65,7 @@ def add(a: dict, b: dict) -> dict:
 
 def test_task_configs_are_complete():
     keys = ["name", "dir", "format", "files", "header", "columns", "labels", "metric", "max_length",
-            "dev_from_train", "hub", "missing_train"]
+            "dev_from_train", "group_by_length", "calib_whole_inputs", "hub", "missing_train"]
     max_length = dict(cola=64, sst2=64, stsb=64, mrpc=128, qnli=128, qqp=128, mnli=128, rte=256,
                       wnli=128, imdb=512, news20=512, hyperpartisan=512)
     for name in ALL_TASKS:
@@ -131,6 +135,29 @@ def test_calib_is_stratified():
     assert abs(calib["1"] - 1000 * 37569 / 67349) <= 1  # proportional share, largest remainder
     news = splits("news20", max_calib=40)
     assert set(counts(news["calib"]).values()) == {2}  # 20 classes of 377-600 posts: 2 each
+
+
+def test_whole_inputs_are_texts_no_other_text_contains():
+    texts = ["a b c", "a b", "b c", "d", "a b c d", "x", "a bc", " x y "]
+    assert _whole_inputs(texts).tolist() == [4, 6, 7]  # "x" is in " x y "; "a bc" is not "a b"'s
+    assert _parts_of(texts, ["a b c"]).tolist() == [0, 1, 2]
+
+
+@needs_data
+def test_sst2_calib_is_whole_sentences_and_their_phrases_leave_train():
+    s = splits("sst2", whole=True, max_calib=256)
+    calib, dev, plain = s["calib"], s["dev"], splits("sst2", max_calib=256)["calib"]
+
+    def mean_words(ds):
+        return sum(len(t.split()) for t in ds["text_a"]) / len(ds)
+
+    # Dev is whole sentences (19.5 words); a calib of train phrases is half as long.
+    assert abs(mean_words(calib) - mean_words(dev)) < 2 < mean_words(dev) - mean_words(plain)
+    assert len(calib) == 256 and abs(counts(calib)["1"] - 256 * 37569 / 67349) < 20
+    joined = "\n".join(f" {t.strip()} " for t in calib["text_a"])
+    assert not any(f" {t.strip()} " in joined for t in s["train"]["text_a"])
+    assert 60000 < len(s["train"]) < 67349 - 256  # each calib sentence took its phrases with it
+    assert len(set(s["train"]["idx"]) | set(calib["idx"])) == len(s["train"]) + 256
 
 
 @needs_data
@@ -213,7 +240,7 @@ def test_hyperpartisan_fixed_stratified_split():
 def test_budget_caps_and_determinism():
     a = splits("sst2", 0, 100, 50, 30)
     assert [len(a[k]) for k in ("train", "calib", "dev")] == [100, 50, 30]
-    again = load_splits(task_cfg("sst2"), local(), budget(100, 50, 30), 0)
+    again = load_splits(task_cfg("sst2", calib_whole_inputs=False), local(), budget(100, 50, 30), 0)
     for k in a:
         assert a[k]["idx"] == again[k]["idx"]
         assert a[k]["idx"] == sorted(a[k]["idx"])  # samples keep file order
@@ -447,3 +474,21 @@ def test_regression_batches_are_float(tokenizer):
     batch = next(iter(make_loader(ds, batch_size=6)))
     assert batch["labels"].dtype == torch.float32
     assert batch["labels"][:2].tolist() == [5.0, 4.75]
+
+
+@needs_data
+def test_job_training_batches_group_by_length_where_the_task_says(tokenizer):
+    from tokenprune.methods.base import Job
+
+    ds = encode(raw("rte", "dev").select(range(64)), tokenizer, max_length=256)
+
+    def padded_tokens(group: bool) -> int:
+        cfg = OmegaConf.create({"task": {"group_by_length": group}, "seed": 0,
+                                "train": {"batch_size": 8, "eval_batch_size": 8}})
+        job = Job(cfg=cfg, splits={"train": ds}, tokenizer=tokenizer, backbone=None, cache=None, device=None)
+        batches = list(job.loader("train", train=True))
+        assert sorted(sum((b["idx"].tolist() for b in batches), [])) == sorted(ds["idx"])
+        return sum(b["input_ids"].numel() for b in batches)
+
+    assert padded_tokens(True) < 0.8 * padded_tokens(False)
+    assert padded_tokens(True) >= sum(ds["length"])

@@ -9,7 +9,9 @@ within the source split, 0-based, header excluded).
 1. `dev_from_train` tasks (Hyperpartisan, which has one labelled file) are first cut into train
    and dev, stratified, with the task's own fixed seed, so every job and method sees the same split.
 2. `calib` is held out of train (never dev): a stratified sample drawn with the job seed, before
-   train is capped, so it does not depend on `max_train`.
+   train is capped, so it does not depend on `max_train`. With `calib_whole_inputs` (SST-2) it is
+   drawn from the train texts that no other train text contains (the whole sentences), and every
+   phrase of a calib sentence leaves train.
 3. train is capped to `budget.max_train`, each dev set to `budget.max_dev` (seeded samples).
 
 Sampled rows keep their file order.
@@ -86,9 +88,17 @@ def load_splits(
             f"budget.max_calib={n_calib} leaves no training examples for task {task.name} "
             f"({len(train)} train rows); lower it."
         )
-    calib_rows = _sample(train, n_calib, seed, _CALIB, stratify=True)
-    splits = {"calib": train.select(calib_rows)}
-    train = train.select(_complement(len(train), calib_rows))
+    if task.get("calib_whole_inputs"):
+        # SST-2's train holds every phrase of its sentences, dev whole sentences: a calib of phrases
+        # is far shorter than dev, and knobs calibrated on it overshoot their target on dev.
+        whole = _whole_inputs(train["text_a"])
+        calib_rows = whole[_sample(train.select(whole), n_calib, seed, _CALIB, stratify=True)]
+        splits = {"calib": train.select(calib_rows)}
+        train = train.select(_complement(len(train), _parts_of(train["text_a"], splits["calib"]["text_a"])))
+    else:
+        calib_rows = _sample(train, n_calib, seed, _CALIB, stratify=True)
+        splits = {"calib": train.select(calib_rows)}
+        train = train.select(_complement(len(train), calib_rows))
     splits["train"] = _cap(train, budget.max_train, seed, _TRAIN)
     for i, name in enumerate(sorted(raw)):
         splits[name] = _cap(raw[name], budget.max_dev, seed, _DEV + i)
@@ -291,6 +301,33 @@ def _sample(ds: datasets.Dataset, k: int, seed: int, salt: int, stratify: bool) 
         take[c] += 1
     picked = [rng.choice(np.flatnonzero(labels == c), size=t, replace=False) for c, t in zip(classes, take)]
     return np.sort(np.concatenate(picked)) if picked else np.array([], dtype=int)
+
+
+def _whole_inputs(texts: list[str]) -> np.ndarray:
+    """Positions of the texts that no other text contains (for SST-2: its whole sentences).
+
+    Candidates containing a text share its rarest word pair, so each text is compared only with the
+    texts in that pair's posting list (a one-word text: its word's)."""
+    words = [t.split() for t in texts]
+    keys = [list(zip(w, w[1:])) or [(x,) for x in w] for w in words]
+    postings: dict[tuple, list[int]] = {}
+    for i, w in enumerate(words):
+        for key in {*zip(w, w[1:]), *((x,) for x in w)}:
+            postings.setdefault(key, []).append(i)
+    stripped = [f" {t.strip()} " for t in texts]  # spaces: a match ends at word boundaries
+    whole = []
+    for i, k in enumerate(keys):
+        rarest = min(k, key=lambda key: len(postings[key]), default=None)
+        others = [] if rarest is None else postings[rarest]
+        if not any(j != i and len(stripped[j]) > len(stripped[i]) and stripped[i] in stripped[j] for j in others):
+            whole.append(i)
+    return np.asarray(whole, dtype=int)
+
+
+def _parts_of(texts: list[str], wholes: list[str]) -> np.ndarray:
+    """Positions of the texts contained in one of `wholes` (the calib sentences and their phrases)."""
+    joined = "\n".join(f" {w.strip()} " for w in wholes)
+    return np.asarray([i for i, t in enumerate(texts) if t.strip() and f" {t.strip()} " in joined], dtype=int)
 
 
 def _complement(n: int, rows: np.ndarray) -> np.ndarray:

@@ -33,11 +33,14 @@ class Job:
     info: dict = field(default_factory=dict)  # anything the method wants in the record (`method_info`)
 
     def loader(self, split: str, *, train: bool = False, batch_size: int | None = None):
-        """Batches of a split with dynamic padding: shuffled for training (seeded), length-sorted otherwise."""
+        """Batches of a split with dynamic padding: length-sorted for evaluation; for training shuffled
+        (seeded), and of similar lengths where the task sets `group_by_length` (long inputs, where a
+        random batch is nearly always padded to max_length)."""
         from tokenprune.data import make_loader
 
         size = batch_size or (self.cfg.train.batch_size if train else self.cfg.train.eval_batch_size)
-        return make_loader(self.splits[split], size, shuffle=train, seed=self.cfg.seed, sort_by_length=not train,
+        grouped = not train or bool(self.cfg.task.get("group_by_length"))
+        return make_loader(self.splits[split], size, shuffle=train, seed=self.cfg.seed, sort_by_length=grouped,
                            pad_token_id=self.tokenizer.pad_token_id or 0)
 
 
