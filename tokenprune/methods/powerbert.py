@@ -346,7 +346,8 @@ class PowerBert(Method):
     def retrain(self, search_path: Path, search_key: dict, fractions: list[float]) -> Path:
         job, cfg = self.job, self.cfg
         key = {"backbone": job.backbone_key, "search": search_key, "fractions": fractions,
-               "policy": self.retrain_kind, "epochs": int(cfg.budget.epochs), "lr": float(cfg.train.lr)}
+               "policy": self.retrain_kind, "epochs": int(cfg.budget.epochs), "lr": float(cfg.train.lr),
+               "mode": "gather"}
         built = {}
 
         def make(tmp: Path) -> None:
@@ -355,7 +356,9 @@ class PowerBert(Method):
             model = load_model(search_path, job.device)
             policy = self.make_policy(fractions)
             self.attach(model, policy)
-            encoder = PrunableEncoder(model, policy, mode="mask")
+            # Hard extraction: the dropped tokens are removed physically while training too (the
+            # paper's Extract layer), which is exact and costs only the tokens kept.
+            encoder = PrunableEncoder(model, policy, mode="gather")
             calib_loader = job.loader("calib")
 
             def evaluate(enc: PrunableEncoder) -> float:  # checkpoint choice on calib, never on dev
