@@ -90,8 +90,11 @@ def fit(
         model.eval()
         score = evaluate(model) if evaluate is not None else float(epoch)
         history.append({"epoch": epoch + 1, "score": score, "steps": step})
-        log_fn({f"{desc}/eval_score": score, f"{desc}/epoch": epoch + 1}, step=step)
-        log.info(f"{desc} epoch {epoch + 1}/{epochs}: eval score {score:.2f}")
+        if evaluate is not None:
+            log_fn({f"{desc}/eval_score": score, f"{desc}/epoch": epoch + 1}, step=step)
+            log.info(f"{desc} epoch {epoch + 1}/{epochs}: eval score {score:.2f}")
+        else:
+            log.info(f"{desc} epoch {epoch + 1}/{epochs} done (no evaluation: the last epoch is kept)")
         if score > best_score:
             best_score, best_epoch = score, epoch + 1
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
