@@ -74,7 +74,10 @@ def test_bert_and_topk_records_carry_sane_flops_and_timing(tmp_path):
     for record in (bert, topk):
         for field in ("latency_ms_b1", "baseline_latency_ms_b1", "wallclock_speedup_b1", "throughput_speedup"):
             assert record[field] is not None and record[field] > 0
-        assert record["wallclock_speedup_b1"] == pytest.approx(record["baseline_latency_ms_b1"] / record["latency_ms_b1"], rel=0.5)
+        # the speedup is total baseline time over total method time (the means' ratio), whatever the
+        # load; the medians beside it can differ from it when the machine is busy
+        t = record["timing"]
+        assert record["wallclock_speedup_b1"] == pytest.approx(t["baseline_latency_ms_b1_mean"] / t["latency_ms_b1_mean"], rel=1e-6)
     layers = topk["tokens_per_layer"]["ffn"]
     assert layers[0] > layers[1] == layers[-1], "tokens drop after layer 1's attention and stay down"
 
