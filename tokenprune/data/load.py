@@ -93,12 +93,12 @@ def load_splits(
         # is far shorter than dev, and knobs calibrated on it overshoot their target on dev.
         whole = _whole_inputs(train["text_a"])
         calib_rows = whole[_sample(train.select(whole), n_calib, seed, _CALIB, stratify=True)]
-        splits = {"calib": train.select(calib_rows)}
-        train = train.select(_complement(len(train), _parts_of(train["text_a"], splits["calib"]["text_a"])))
+        leaving = _parts_of(train["text_a"], train.select(calib_rows)["text_a"])
     else:
         calib_rows = _sample(train, n_calib, seed, _CALIB, stratify=True)
-        splits = {"calib": train.select(calib_rows)}
-        train = train.select(_complement(len(train), calib_rows))
+        leaving = calib_rows
+    splits = {"calib": train.select(calib_rows)}
+    train = train.select(_complement(len(train), leaving))
     splits["train"] = _cap(train, budget.max_train, seed, _TRAIN)
     for i, name in enumerate(sorted(raw)):
         splits[name] = _cap(raw[name], budget.max_dev, seed, _DEV + i)
