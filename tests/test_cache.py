@@ -34,6 +34,17 @@ def test_entry_is_built_once_and_reused(tmp_path):
     assert len(calls) == 2
 
 
+def test_entry_says_how_it_was_built(tmp_path):
+    import json
+
+    import torch
+
+    entry = Cache(tmp_path).get_or_make("finetune", {"model": "tiny"}, lambda tmp: (tmp / "w").write_text("1"))
+    built = json.loads((entry / "built.json").read_text())
+    assert built["torch_threads"] == torch.get_num_threads() and built["build_seconds"] >= 0
+    assert built["torch"] == torch.__version__ and built["built_at"]
+
+
 def test_key_hash_is_order_independent():
     assert key_hash({"a": 1, "b": {"c": 2, "d": 3}}) == key_hash({"b": {"d": 3, "c": 2}, "a": 1})
     assert key_hash({"a": 1}) != key_hash({"a": 2})

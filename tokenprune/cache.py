@@ -4,6 +4,10 @@ An entry is a directory named by a hash of everything that determines it (its ke
 temporary directory beside its final place and renamed into place only when complete, under a file
 lock, so two jobs asking for the same entry build it once, and a job killed mid-build leaves no entry
 (only a stale temporary directory, swept up by the next build of that key).
+
+Each entry also keeps `built.json`: how it was built (torch threads, code commit, when, how long).
+The key says what an entry is; this says what a bit-exact re-run needs: on a CPU, training at another
+torch thread count sums floats in another order and ends on other weights.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import json
 import logging
 import os
 import shutil
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+import torch
 from filelock import FileLock
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,13 @@ CODE_VERSION = 1
 def key_hash(key: dict) -> str:
     blob = json.dumps({"code_version": CODE_VERSION, **key}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def provenance(seconds: float) -> dict:
+    from tokenprune.results import git_commit
+
+    return {"torch_threads": torch.get_num_threads(), "git_commit": git_commit(), "torch": torch.__version__,
+            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "build_seconds": round(seconds, 1)}
 
 
 class Cache:
@@ -58,7 +72,9 @@ class Cache:
             tmp.mkdir()
             try:
                 log.info(f"cache miss: building {kind} {final.name}")
+                start = time.perf_counter()
                 make(tmp)
+                (tmp / "built.json").write_text(json.dumps(provenance(time.perf_counter() - start), indent=1))
                 # key.json last: its presence marks the entry complete.
                 (tmp / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
                 os.replace(tmp, final)

@@ -96,7 +96,10 @@ def check_config(cfg: DictConfig) -> None:
 
 
 DETERMINISM = {
-    "cpu": "deterministic: the same config and seed give the same metric and kept-token counts",
+    "cpu": "deterministic at a fixed torch thread count: the same config, seed and threads give the same metric "
+           "and kept-token counts, provided the cache entries it reuses were built at that thread count too "
+           "(their built.json says); at another thread count float sums run in another order and training "
+           "ends on other weights",
     "gpu": "not bit-exact: cuBLAS and fused attention kernels reduce in varying order, so metrics can move "
            "in the last digits and a token scored next to a threshold can flip; timings always vary",
 }
