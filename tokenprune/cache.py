@@ -18,12 +18,13 @@ import logging
 import os
 import shutil
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import torch
 from filelock import FileLock
+
+from tokenprune.results import git_commit, now
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,8 @@ def key_hash(key: dict) -> str:
 
 
 def provenance(seconds: float) -> dict:
-    from tokenprune.results import git_commit
-
     return {"torch_threads": torch.get_num_threads(), "git_commit": git_commit(), "torch": torch.__version__,
-            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "build_seconds": round(seconds, 1)}
+            "built_at": now(), "build_seconds": round(seconds, 1)}
 
 
 class Cache:
