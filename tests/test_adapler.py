@@ -201,17 +201,17 @@ def test_smoke_end_to_end_meets_its_target(smoke_runs):
     info = first["method_info"]
     assert info["knob"]["calib_speedup"] >= 2.0
     assert all(0.01 <= v <= 1.0 for v in info["knob"]["eta"])
-    assert info["adapler"]["phases"]["saliency"]["cached"] is False
-    assert info["adapler"]["phases"]["train"]["cached"] is False
+    assert info["phases"]["adapler-saliency"]["cached"] is False
+    assert info["phases"]["adapler-train"]["cached"] is False
     assert len(first["tokens_per_layer"]["attention"]) == 4
 
 
 def test_second_target_reuses_the_phases(smoke_runs):
     _, first, second = smoke_runs
     assert second["status"] == "ok", second.get("error")
-    phases = second["method_info"]["adapler"]["phases"]
-    assert phases["saliency"]["cached"] and phases["train"]["cached"]
-    assert phases["saliency"]["cache_path"] == first["method_info"]["adapler"]["phases"]["saliency"]["cache_path"]
+    phases = second["method_info"]["phases"]
+    assert phases["adapler-saliency"]["cached"] and phases["adapler-train"]["cached"]
+    assert phases["adapler-saliency"]["path"] == first["method_info"]["phases"]["adapler-saliency"]["path"]
     assert second["method_info"]["knob"]["eta"] == first["method_info"]["knob"]["eta"]
     assert second["method_info"]["knob"]["eta_scale"] < first["method_info"]["knob"]["eta_scale"]
 

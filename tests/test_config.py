@@ -12,7 +12,7 @@ from hydra.types import HydraContext, RunMode
 
 from hydra_plugins.tokenprune_sweeper.suites import SuiteSweeper
 from tokenprune.errors import UserError
-from tokenprune.runner import check_config
+from tokenprune.checks import check_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GLUE = ["cola", "sst2", "mrpc", "rte", "stsb", "qnli", "mnli", "qqp", "wnli"]

@@ -485,7 +485,7 @@ def test_job_training_batches_group_by_length_where_the_task_says(tokenizer):
     def padded_tokens(group: bool) -> int:
         cfg = OmegaConf.create({"task": {"group_by_length": group}, "seed": 0,
                                 "train": {"batch_size": 8, "eval_batch_size": 8}})
-        job = Job(cfg=cfg, splits={"train": ds}, tokenizer=tokenizer, backbone=None, cache=None, device=None)
+        job = Job(cfg=cfg, splits={"train": ds}, tokenizer=tokenizer, backbone=None, backbone_key={}, phases=None, device=None)
         batches = list(job.loader("train", train=True))
         assert sorted(sum((b["idx"].tolist() for b in batches), [])) == sorted(ds["idx"])
         return sum(b["input_ids"].numel() for b in batches)

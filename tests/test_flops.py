@@ -208,18 +208,21 @@ def test_topk_unreachable_target_is_a_user_error(tiny):
     assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")
 
 
-def fake_job(model, speedup, layer=1):
-    cfg = OmegaConf.create({"method": {"name": "topk", "layer": layer}, "speedup": speedup})
-    return Job(cfg=cfg, splits={"calib": {"length": LENGTHS}}, tokenizer=None, backbone=model, cache=None,
-               device=torch.device("cpu"))
+def fake_job(model, layer=1):
+    cfg = OmegaConf.create({"method": {"name": "topk", "layer": layer}})
+    return Job(cfg=cfg, splits={"calib": {"length": LENGTHS}}, tokenizer=None, backbone=model, backbone_key={},
+               phases=None, device=torch.device("cpu"))
 
 
 def test_topk_method(tiny):
-    method = TopK(fake_job(tiny, 1.5))
-    knob = method.calibrate()
+    method = TopK(fake_job(tiny))
+    method.fit(1.5)
+    knob = method.calibrate(1.5)
     assert set(knob) == {"keep_fraction", "layer"} and knob["layer"] == 1 and 0 < knob["keep_fraction"] < 1
-    policy = method.policy()
+    model, policy = method.evaluated()
     assert isinstance(policy, TokenPolicy) and policy.keep_fraction == knob["keep_fraction"]
-    assert method.model() is tiny
+    assert model is tiny
     with pytest.raises(UserError, match="method.layer=7"):
-        TopK(fake_job(tiny, 1.5, layer=7)).calibrate()
+        method = TopK(fake_job(tiny, layer=7))
+        method.fit(1.5)
+        method.calibrate(1.5)

@@ -193,13 +193,13 @@ def test_phases_are_cached_and_each_method_meets_its_target(cache_dir, tmp_path)
     first = run("powerbert", 2, cache_dir, tmp_path / "a")
     assert first["status"] == "ok", first.get("error")
     assert abs(first["flops_speedup"] / first["speedup_target"] - 1) < 0.1
-    assert first["method_info"]["phases"]["search"]["cached"] is False
+    assert first["method_info"]["phases"]["powerbert-search"]["cached"] is False
 
     second = run("powerbert", 3, cache_dir, tmp_path / "b")
     assert second["status"] == "ok", second.get("error")
     assert abs(second["flops_speedup"] / 3 - 1) < 0.1
     phases = second["method_info"]["phases"]
-    assert phases["search"]["cached"] is True and phases["retrain"]["cached"] is False
+    assert phases["powerbert-search"]["cached"] is True and phases["powerbert-retrain"]["cached"] is False
     assert len(entries(cache_dir, "finetune")) == 1
     assert len(entries(cache_dir, "powerbert-search")) == 1  # phases 1-2 shared by both targets
     assert len(entries(cache_dir, "powerbert-retrain")) == 2  # phase 3 keyed on the scaled configuration
@@ -209,7 +209,7 @@ def test_phases_are_cached_and_each_method_meets_its_target(cache_dir, tmp_path)
     rand = run("random", 2, cache_dir, tmp_path / "c")
     assert rand["status"] == "ok", rand.get("error")
     assert abs(rand["flops_speedup"] / 2 - 1) < 0.1
-    assert rand["method_info"]["phases"]["search"]["cached"] is True  # PoWER-BERT's phases 1-2
+    assert rand["method_info"]["phases"]["powerbert-search"]["cached"] is True  # PoWER-BERT's phases 1-2
     assert rand["method_info"]["knob"]["fractions"] == k1["fractions"]  # the same schedule at the same target
     assert len(entries(cache_dir, "random-retrain")) == 1
 
@@ -229,7 +229,7 @@ def test_lambda_defaults_to_the_papers_value_per_task_and_can_be_swept():
     def hparams(*overrides):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose("config", overrides=["method=powerbert", "logger=none", *overrides])
-        return PowerBert(Job(cfg, {}, None, None, None, torch.device("cpu"))).hparams()
+        return PowerBert(Job(cfg, {}, None, None, {}, None, torch.device("cpu"))).hparams()
 
     assert hparams("task=sst2") == (2e-4, 5e-4)
     assert hparams("task=mrpc", "method.lambda=1e-4") == (1e-4, 3e-3)

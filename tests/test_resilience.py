@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from helpers import REPO, SMOKE, job_config, run_py
 from tokenprune import results
 from tokenprune.errors import UserError
-from tokenprune.runner import check_config, run_job
+from tokenprune.checks import check_config
+from tokenprune.runner import run_job
 
 
 @pytest.mark.slow

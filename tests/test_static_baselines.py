@@ -101,12 +101,15 @@ def test_soft_term_is_tempered_kl_times_t_squared():
     assert db.soft_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_hard_term_is_cross_entropy_and_mse_for_regression():
+def test_hard_term_is_the_task_loss_cross_entropy_and_mse_for_regression():
+    from tokenprune.train import task_loss
+
     s = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     y = torch.tensor([0, 0])
-    expected = -np.mean([np.log(np.exp(2) / (np.exp(2) + 1)), np.log(1 / (1 + np.e))])
-    assert db.hard_loss(s, y).item() == pytest.approx(expected, rel=1e-5)
-    assert db.hard_loss(torch.tensor([[1.0], [3.0]]), torch.tensor([2.0, 2.0])).item() == pytest.approx(1.0)
+    per_row = [-np.log(np.exp(2) / (np.exp(2) + 1)), -np.log(1 / (1 + np.e))]
+    assert task_loss(s, y).item() == pytest.approx(np.mean(per_row), rel=1e-5)
+    assert task_loss(s, y, reduction="none").tolist() == pytest.approx(per_row, rel=1e-5)
+    assert task_loss(torch.tensor([[1.0], [3.0]]), torch.tensor([2.0, 2.0])).item() == pytest.approx(1.0)
 
 
 def test_cosine_term_over_real_tokens():
@@ -213,13 +216,13 @@ def teacher_passes():
 
 @pytest.fixture(autouse=True)
 def count_teacher_passes(monkeypatch, teacher_passes):
-    real = db._teacher_pass
+    real = db.teacher_hidden_states
 
     def counting(*args, **kwargs):
-        teacher_passes.append(kwargs.get("want_hidden"))
+        teacher_passes.append("hidden")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(db, "_teacher_pass", counting)
+    monkeypatch.setattr(db, "teacher_hidden_states", counting)
 
 
 def test_distilbert_end_to_end_meets_exact_targets_and_reuses_teacher_logits(cache, tmp_path, teacher_passes):
@@ -229,14 +232,17 @@ def test_distilbert_end_to_end_meets_exact_targets_and_reuses_teacher_logits(cac
     knob = first["method_info"]["knob"]
     assert knob["layers"] == 2 and knob["layer_map"] == [1, 3]
     assert first["tokens_per_layer"]["attention"].__len__() == 2  # the student's own layers
-    assert teacher_passes == [False, True]  # logits, then hidden states: one pass each
+    assert first["method_info"]["phases"]["teacher-logits"]["cached"] is False
+    assert teacher_passes == ["hidden"]  # one pass for the hidden states
     second = run_job(job_cfg(cache, "method=distilbert", "speedup=4"), tmp_path / "b")
     assert second["status"] == "ok", second.get("error")
     assert second["flops_speedup"] == pytest.approx(4.0, rel=0.1)
     assert second["method_info"]["knob"]["layer_map"] == [3]
-    assert teacher_passes == [False, True]  # the new student reused the cached teacher targets
-    assert second["method_info"]["phases"]["teacher_logits"] == first["method_info"]["phases"]["teacher_logits"]
-    assert len(list((cache / "teacher_logits").glob("*/key.json"))) == 1
+    assert teacher_passes == ["hidden"]  # the new student reused the cached teacher targets
+    phases = second["method_info"]["phases"]
+    assert phases["teacher-logits"]["cached"] and phases["teacher-hidden"]["cached"]
+    assert phases["teacher-logits"]["path"] == first["method_info"]["phases"]["teacher-logits"]["path"]
+    assert len(list((cache / "teacher-logits").glob("*/key.json"))) == 1
 
 
 def test_truncate_end_to_end_meets_the_target(cache, tmp_path):

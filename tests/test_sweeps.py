@@ -35,7 +35,7 @@ STUDIES = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 COMMAND = ["${env}", "python", "${program}", "${args_no_hyphens}"]
 
 try:  # the runner's own checks, once its modules import
-    from tokenprune.runner import check_config
+    from tokenprune.checks import check_config
 except ImportError:  # pragma: no cover - the runner's modules are still being written
     check_config = None
 

@@ -21,25 +21,19 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 from filelock import FileLock
 
-from tokenprune.results import git_commit, now
+from tokenprune.provenance import build_info
 
 log = logging.getLogger(__name__)
 
 # Bump when a change to training code makes old entries wrong; it is part of every key.
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: one file layout for every model phase (info.json beside the weights)
 
 
 def key_hash(key: dict) -> str:
     blob = json.dumps({"code_version": CODE_VERSION, **key}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def provenance(seconds: float) -> dict:
-    return {"torch_threads": torch.get_num_threads(), "git_commit": git_commit(), "torch": torch.__version__,
-            "built_at": now(), "build_seconds": round(seconds, 1)}
 
 
 class Cache:
@@ -73,7 +67,7 @@ class Cache:
                 log.info(f"cache miss: building {kind} {final.name}")
                 start = time.perf_counter()
                 make(tmp)
-                (tmp / "built.json").write_text(json.dumps(provenance(time.perf_counter() - start), indent=1))
+                (tmp / "built.json").write_text(json.dumps(build_info(time.perf_counter() - start), indent=1))
                 # key.json last: its presence marks the entry complete.
                 (tmp / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
                 os.replace(tmp, final)

@@ -1,7 +1,7 @@
 """Evaluation through the PrunableEncoder: predictions, labels and the tokens every layer processed.
 
-`run_eval` gives an `EvalResult`; `flops.summarize` turns one into the record's FLOPs fields and the
-speedup against the full backbone.
+`run_eval` gives an `EvalResult`; `score` its task metrics; `flops.summarize` turns one into the
+record's FLOPs fields and the speedup against the full backbone.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tokenprune import data as task_data
 from tokenprune.encoder import PrunableEncoder, TokenPolicy
 
 
@@ -78,3 +79,10 @@ def run_eval(
         lengths=torch.cat(lengths).numpy(),
         idx=torch.cat(idx).numpy() if idx else np.arange(len(predictions)),
     )
+
+
+def score(task, result: EvalResult) -> tuple[str, float, dict]:
+    """(primary metric's name, its value, every metric of the task) of an evaluation."""
+    metrics = task_data.compute_metrics(task.metric, result.predictions, result.labels)
+    name = task_data.PRIMARY[task.metric]
+    return name, metrics[name], metrics

@@ -10,11 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
-import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
@@ -119,54 +116,6 @@ def load(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame
             continue
         rows.append({**dict.fromkeys(FIELDS), **record, "path": str(path)})
     return pd.DataFrame(rows, columns=[*FIELDS, "path"])
-
-
-# ---- provenance ---------------------------------------------------------------------------------
-
-
-def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def versions() -> dict:
-    import datasets, hydra, torch, transformers
-    import tokenprune
-
-    return {
-        "python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-        "datasets": datasets.__version__, "hydra": hydra.__version__, "tokenprune": tokenprune.__version__,
-    }
-
-
-def hardware() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "platform": platform.platform(),
-    }
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def main(argv: list[str] | None = None) -> int:

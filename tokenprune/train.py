@@ -10,6 +10,7 @@ import math
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -27,9 +28,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The task loss every phase uses, as the HF head computes it: cross-entropy, or MSE for a
+    regression head (one logit). reduction="none": one loss per row (rewards, per-example weights)."""
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction=reduction)
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
 def classification_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """The HF head's own loss: cross-entropy, or MSE for a regression head."""
-    return model(**{k: batch[k] for k in MODEL_INPUTS}, labels=batch["labels"]).loss
+    """The task loss of a plain (unpruned) model on a batch."""
+    return task_loss(model(**{k: batch[k] for k in MODEL_INPUTS}).logits, batch["labels"])
 
 
 def default_param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:

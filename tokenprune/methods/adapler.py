@@ -51,28 +51,25 @@ What differs from the published code, and why:
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 from tokenprune import data as task_data
 from tokenprune import flops
 from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenState, backbone_parts
 from tokenprune.errors import UserError
-from tokenprune.evaluate import run_eval
+from tokenprune.evaluate import score
 from tokenprune.methods.base import Method
-from tokenprune.train import MODEL_INPUTS, TrainingDiverged, default_param_groups, to_device
+from tokenprune.methods.toolbox import calib_result, calib_score, meet_target
+from tokenprune.train import MODEL_INPUTS, TrainingDiverged, default_param_groups, task_loss, to_device
 
 log = logging.getLogger(__name__)
 
@@ -236,11 +233,6 @@ def adapler_losses(policy: AdapLeRPolicy, saliency: Tensor) -> tuple[Tensor, Ten
 
 # ---- the method ----------------------------------------------------------------------------------
 
-def primary_score(task: Any, result) -> float:
-    metrics = task_data.compute_metrics(task.metric, result.predictions, result.labels)
-    return float(metrics[task_data.PRIMARY[task.metric]])
-
-
 class AdapLeR(Method):
     name = "adapler"
 
@@ -276,11 +268,10 @@ class AdapLeR(Method):
         cfg, job = self.cfg, self.job
         model = load_backbone(cfg.model, task_data.num_labels(cfg.task), cfg.seed)
         torch.manual_seed(cfg.seed)
-        calib = job.loader("calib")
         snapshots: list[tuple[float, dict]] = []
 
         def evaluate(m):
-            s = primary_score(cfg.task, run_eval(m, None, calib, job.device, progress=False))
+            s = calib_score(job, m)
             snapshots.append((s, copy.deepcopy({n: v.detach().cpu() for n, v in m.state_dict().items()})))
             return s
 
@@ -314,17 +305,9 @@ class AdapLeR(Method):
         torch.save({"idx": torch.as_tensor(idx), "saliency": total / len(models)}, tmp / "saliency.pt")
 
     def saliency(self) -> tuple[dict[int, int], Tensor]:
-        key = self._saliency_key()
-        cached = self.job.cache.has("adapler_saliency", key)
-        start = time.perf_counter()
-        path = self.job.cache.get_or_make("adapler_saliency", key, self._make_saliency)
-        self._phase_info("saliency", cached, start, path)
+        path = self.job.phases.get("adapler-saliency", self._saliency_key(), self._make_saliency)
         blob = torch.load(path / "saliency.pt")
         return {int(v): i for i, v in enumerate(blob["idx"].tolist())}, blob["saliency"]
-
-    def _phase_info(self, name: str, cached: bool, start: float, path: Path) -> None:
-        phases = self.job.info.setdefault("adapler", {}).setdefault("phases", {})
-        phases[name] = {"cached": cached, "seconds": round(time.perf_counter() - start, 2), "cache_path": str(path)}
 
     # -- phase C ------------------------------------------------------------------------------
     def _start_model(self) -> nn.Module:
@@ -339,11 +322,11 @@ class AdapLeR(Method):
 
     def _calib_point(self, model: nn.Module, policy: AdapLeRPolicy) -> tuple[float, float]:
         """(calib score, canonical FLOPs speedup on calib) with hard decisions."""
-        result = run_eval(model, policy, self.job.loader("calib"), self.job.device, mode="gather", progress=False)
+        result = calib_result(self.job, model, policy)
         report = flops.summarize(result, None, model.config, self.job.backbone.config)
-        return primary_score(self.cfg.task, result), report["flops_speedup"]
+        return float(score(self.cfg.task, result)[1]), report["flops_speedup"]
 
-    def _make_trained(self, tmp: Path) -> None:
+    def _train(self, tmp: Path) -> tuple[nn.Module, dict]:
         cfg, job, m = self.cfg, self.job, self.cfg.method
         rows, saliency = self._saliency
         epochs = int(cfg.budget.epochs)
@@ -366,9 +349,8 @@ class AdapLeR(Method):
         sched_model = get_linear_schedule_with_warmup(opt_model, warm, total)
         sched_eta = get_linear_schedule_with_warmup(opt_eta, warm, total)
 
-        ft_score = primary_score(cfg.task, run_eval(job.backbone, None, job.loader("calib"), job.device, progress=False))
+        ft_score = calib_score(job, job.backbone)
         history, best, step = [], None, 0
-        start = time.perf_counter()
         for epoch in range(epochs):
             encoder.train()
             policy.lam = lambdas[epoch]
@@ -377,8 +359,7 @@ class AdapLeR(Method):
                 batch = to_device(batch, job.device)
                 out = encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
                 labels = batch["labels"]
-                ce = F.mse_loss(out.logits[:, 0], labels.float()) if out.logits.shape[-1] == 1 \
-                    else F.cross_entropy(out.logits, labels)
+                ce = task_loss(out.logits, labels)
                 sal = torch.stack([saliency[rows[int(i)], : batch["input_ids"].shape[1]]
                                    for i in batch["idx"].cpu()]).to(job.device)
                 kl, length = adapler_losses(policy, sal)
@@ -413,59 +394,38 @@ class AdapLeR(Method):
                 best = (rank, epoch + 1, copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}),
                         copy.deepcopy({k: v.detach().cpu() for k, v in policy.state_dict().items()}))
         model.load_state_dict(best[2])
-        model.save_pretrained(tmp)
         torch.save(best[3], tmp / "policy.pt")
-        info = {"history": history, "chosen_epoch": best[1], "chosen_within": bool(best[0][0]),
-                "finetuned_calib_score": ft_score, "lambdas": lambdas,
-                "train_seconds": round(time.perf_counter() - start, 1)}
-        (tmp / "info.json").write_text(json.dumps(info, indent=1))
+        return model, {"history": history, "chosen_epoch": best[1], "chosen_within": bool(best[0][0]),
+                       "finetuned_calib_score": ft_score, "lambdas": lambdas}
 
-    def fit(self) -> None:
+    def train_phases(self, target: float) -> None:
+        """Phases B and C; neither depends on the target (calibration meets it)."""
         self._saliency = self.saliency()
-        key = self._train_key()
-        cached = self.job.cache.has("adapler_train", key)
-        start = time.perf_counter()
-        path = self.job.cache.get_or_make("adapler_train", key, self._make_trained)
-        self._phase_info("train", cached, start, path)
-        self._model = AutoModelForSequenceClassification.from_pretrained(path).to(self.job.device).eval()
+        self._model, info, path = self.job.phases.model("adapler-train", self._train_key(), self._train)
         self._policy = make_policy(self._model.config, self.cfg.method).to(self.job.device)
         self._policy.load_state_dict(torch.load(path / "policy.pt"))
         self._policy.eval()
-        self.job.info.setdefault("adapler", {})["train"] = json.loads((path / "info.json").read_text())
+        self.job.info.setdefault("adapler", {})["train"] = info
 
     # -- knob ---------------------------------------------------------------------------------
-    def calibrate(self) -> dict:
+    def choose_knob(self, target: float) -> dict:
         policy, model = self._policy, self._model
         eta = policy.eta.detach().cpu().tolist()
         if not self.cfg.method.calibrate:
             policy.scale = 1.0
             return {"eta": eta, "eta_scale": 1.0, "calib_speedup": self._calib_point(model, policy)[1]}
-        target = float(self.cfg.speedup)
 
         def speed(scale: float) -> float:
             policy.scale = scale
             return self._calib_point(model, policy)[1]
 
-        # at this scale every CP_0 threshold exceeds any share (δ > 1): only [CLS] goes on
+        # at the extreme scale every CP_0 threshold exceeds any share (δ > 1): only [CLS] goes on
         top = (max(self.job.splits["calib"]["length"]) + 1) / max(min(eta), 1e-6)
-        best = speed(top)
-        if best < target:
-            raise UserError(
-                f"method=adapler cannot reach speedup={target:g} on this task: even keeping only [CLS] from layer 0 "
-                f"on it gives {best:.2f}x on calib, so lower the speedup target.")
-        lo, hi = 1e-4, top  # geometric bisection: speed(lo) < target <= speed(hi)
-        if speed(lo) >= target:
-            hi = lo
-        for _ in range(int(self.cfg.method.max_scale_iters)):
-            if hi <= lo:
-                break
-            mid = math.sqrt(lo * hi)
-            if speed(mid) >= target:
-                hi = mid
-            else:
-                lo = mid
-        achieved = speed(hi)
-        return {"eta": eta, "eta_scale": hi, "calib_speedup": achieved}
+        scale, achieved = meet_target(speed, target, gentle=1e-4, extreme=top, geometric=True,
+                                      steps=int(self.cfg.method.max_scale_iters), method="adapler",
+                                      extreme_means="even keeping only [CLS] from layer 0 on")
+        policy.scale = scale
+        return {"eta": eta, "eta_scale": scale, "calib_speedup": achieved}
 
     def model(self) -> nn.Module:
         return self._model

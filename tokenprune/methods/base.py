@@ -1,14 +1,20 @@
-"""What every method is to the runner.
+"""What every method is to the runner, and the order in which the runner uses it.
 
-A job hands its method a `Job` (config, encoded splits, tokenizer, the cached fine-tuned backbone,
-the cache, a logger). The runner then calls, in order:
+A job hands its method a `Job`: the config, the encoded splits, the tokenizer, the cached fine-tuned
+backbone (and its cache key), the job's cached phases, the device and a logger. The runner then
+calls, in this order and once each:
 
-    method.fit()        its own training phases, each cached with `job.cache.get_or_make`
-    method.calibrate()  pick the inference knob on `calib` so the FLOPs speedup meets `cfg.speedup`
-    method.model()      the model to evaluate (the backbone, or a student)
-    method.policy()     the token policy the PrunableEncoder runs in `gather` mode (None: no pruning)
+    method.fit(target)        train what the target needs, each phase cached through `job.phases`
+                              (a method whose training depends on the target decides it here:
+                              truncate's k, DistilBERT's depth, PoWER-BERT's re-training schedule,
+                              TR-BERT's length penalty)
+    method.calibrate(target)  set the inference knob on `calib` so that the FLOPs speedup meets the
+                              target; returns the knob for the record
+    method.evaluated()        (model, token policy) to evaluate on dev in `gather` mode against the
+                              full backbone on the same examples (policy None: no pruning)
 
-and evaluates `model()` + `policy()` on dev, against the full backbone on the same examples.
+The base class enforces that order. A method overrides the hooks: `train_phases`, `choose_knob`,
+`model`, `policy`. The base class itself is the full model: no phases, no knob, no pruning.
 """
 
 from __future__ import annotations
@@ -19,50 +25,89 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig
 
+from tokenprune.data import make_loader
+from tokenprune.methods.toolbox import Phases
+
 
 @dataclass
 class Job:
-    cfg: DictConfig  # the resolved job config (task, method, model, budget, speedup, seed, …)
+    cfg: DictConfig  # the resolved job config (task, method, model, budget, seed, …)
     splits: dict[str, Any]  # encoded `datasets.Dataset`s: train, calib, dev (+ extra dev sets)
     tokenizer: Any
-    backbone: torch.nn.Module | None  # the fine-tuned full model (HF *ForSequenceClassification), eval mode
-    cache: Any  # tokenprune.cache.Cache
+    backbone: torch.nn.Module  # the fine-tuned full model (HF *ForSequenceClassification), eval mode
+    backbone_key: dict  # the cache key of the backbone; every phase's key extends it
+    phases: Phases  # the job's cached phases (`phases.get`, `phases.model`) and their record
     device: torch.device
     log: Callable[..., None] = lambda metrics, step=None: None  # per-step metrics to the tracker
-    backbone_key: dict = field(default_factory=dict)  # the cache key of the backbone; extend it for phases
     info: dict = field(default_factory=dict)  # anything the method wants in the record (`method_info`)
 
-    def loader(self, split: str, *, train: bool = False, batch_size: int | None = None):
-        """Batches of a split with dynamic padding: length-sorted for evaluation; for training shuffled
-        (seeded), and of similar lengths where the task sets `group_by_length` (long inputs, where a
-        random batch is nearly always padded to max_length)."""
-        from tokenprune.data import make_loader
+    def loader(self, split: str | Any, *, train: bool = False, batch_size: int | None = None,
+               grouped: bool | None = None):
+        return split_loader(self.cfg, self.splits, self.tokenizer, split, train=train, batch_size=batch_size,
+                            grouped=grouped)
 
-        size = batch_size or (self.cfg.train.batch_size if train else self.cfg.train.eval_batch_size)
-        grouped = not train or bool(self.cfg.task.get("group_by_length"))
-        return make_loader(self.splits[split], size, shuffle=train, seed=self.cfg.seed, sort_by_length=grouped,
-                           pad_token_id=self.tokenizer.pad_token_id or 0)
+
+def split_loader(cfg: DictConfig, splits: dict[str, Any], tokenizer: Any, split: str | Any, *, train: bool = False,
+                 batch_size: int | None = None, grouped: bool | None = None):
+    """Batches of a split (by name, or a dataset) with dynamic padding: length-sorted for evaluation;
+    for training shuffled (seeded), and of similar lengths (`grouped`) where the task sets
+    `group_by_length` (long inputs, where a random batch is nearly always padded to max_length)."""
+    dataset = splits[split] if isinstance(split, str) else split
+    size = batch_size or (cfg.train.batch_size if train else cfg.train.eval_batch_size)
+    if grouped is None:
+        grouped = not train or bool(cfg.task.get("group_by_length"))
+    return make_loader(dataset, size, shuffle=train, seed=cfg.seed, sort_by_length=grouped,
+                       pad_token_id=tokenizer.pad_token_id or 0)
+
+
+class CallOrderError(RuntimeError):
+    """A method was used out of its order: fit, then calibrate, then evaluated."""
 
 
 class Method:
-    """Base class: the full model, unpruned. Subclasses override what they change."""
+    """Base class and the full model, unpruned. Subclasses override the hooks below."""
 
     name = "bert"
 
     def __init__(self, job: Job):
         self.job = job
         self.cfg = job.cfg
+        self._stage = "new"
 
-    def fit(self) -> None:
-        """Train the method's phases (each through the cache). The full model has none."""
+    # ---- the call order, enforced -------------------------------------------------------------
+    def _step(self, expected: str, call: str, then: str) -> None:
+        if self._stage != expected:
+            raise CallOrderError(f"{type(self).__name__}.{call} was called at stage '{self._stage}'; the order is "
+                                 "fit(target), calibrate(target), evaluated(), once each.")
+        self._stage = then
 
-    def calibrate(self) -> dict:
-        """Choose the inference knob on `calib` for the target speedup; return it for the record."""
+    def fit(self, target: float) -> None:
+        self._step("new", "fit", "fitting")
+        self.train_phases(float(target))
+        self._stage = "fitted"
+
+    def calibrate(self, target: float) -> dict:
+        self._step("fitted", "calibrate", "calibrating")
+        knob = self.choose_knob(float(target))
+        self._stage = "calibrated"
+        return knob
+
+    def evaluated(self) -> tuple[torch.nn.Module, Any]:
+        self._step("calibrated", "evaluated", "evaluated")
+        return self.model(), self.policy()
+
+    # ---- what a method overrides --------------------------------------------------------------
+    def train_phases(self, target: float) -> None:
+        """Train the method's phases for `target`, each through `self.job.phases`. The full model has none."""
+
+    def choose_knob(self, target: float) -> dict:
+        """Set the inference knob on calib for `target`; return it for the record."""
         return {}
 
     def model(self) -> torch.nn.Module:
+        """The model to evaluate (the backbone, or one the method trained)."""
         return self.job.backbone
 
     def policy(self):
-        """The token policy for the PrunableEncoder, or None for no pruning."""
+        """The token policy the PrunableEncoder runs in `gather` mode, or None for no pruning."""
         return None

@@ -39,8 +39,8 @@ Loss, per batch (weights in conf/method/distilbert.yaml):
   + alpha_hard · CE(z_s, y)                                (regression: MSE(z_s, y))
   + alpha_cos  · mean over real tokens of (1 − cos(h_s, h_t))   (last hidden states)
 
-Phases, each cached: the teacher's logits on train ("teacher_logits", keyed on the backbone: shared
-by every depth and loss), its last hidden states on train in float16 ("teacher_hidden", same key; only
+Phases, each cached: the teacher's logits on train ("teacher-logits", keyed on the backbone: shared
+by every depth and loss, and with TR-BERT), its last hidden states on train in float16 ("teacher-hidden"; only
 when alpha_cos > 0 and `method.cache_hidden`, otherwise the teacher runs beside the student each step),
 and the trained student ("distilbert", keyed on the backbone, k, the layer map, init and the loss).
 Training uses the shared loop for `budget.epochs` epochs, best checkpoint by the task metric on calib.
@@ -48,9 +48,7 @@ Training uses the shared loop for `budget.epochs` epochs, best checkpoint by the
 
 from __future__ import annotations
 
-import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +56,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification
 
-from tokenprune import data as task_data
 from tokenprune import flops
 from tokenprune.errors import UserError
-from tokenprune.evaluate import run_eval
 from tokenprune.methods.base import Method
-from tokenprune.train import MODEL_INPUTS, fit, to_device
+from tokenprune.methods.toolbox import calib_score, teacher_logits
+from tokenprune.train import MODEL_INPUTS, fit, task_loss, to_device
 
 # --- depth and layer map ---------------------------------------------------------------------------
 
@@ -184,13 +180,6 @@ def soft_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
                     reduction="batchmean") * t * t
 
 
-def hard_loss(student: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy with the labels, or MSE for a regression head (one output)."""
-    if student.shape[-1] == 1:
-        return F.mse_loss(student.squeeze(-1), labels.float())
-    return F.cross_entropy(student, labels)
-
-
 def cosine_loss(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
     """Mean over real tokens (mask True) of 1 − cos(student, teacher): CosineEmbeddingLoss, target +1."""
     cos = F.cosine_similarity(student.float(), teacher.float(), dim=-1)
@@ -208,7 +197,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Te
         soft = F.mse_loss(student_logits.squeeze(-1), teacher_logits.squeeze(-1).to(student_logits.dtype))
     else:
         soft = soft_loss(student_logits, teacher_logits.to(student_logits.dtype), temperature)
-    hard = hard_loss(student_logits, labels)
+    hard = task_loss(student_logits, labels)
     total = alpha_ce * soft + alpha_hard * hard
     terms = {"soft": soft.detach(), "hard": hard.detach()}
     if alpha_cos:
@@ -245,24 +234,23 @@ class TeacherTargets:
         return out
 
 
-def _teacher_pass(teacher: nn.Module, loader, device: torch.device, want_hidden: bool):
-    """(idx, logits, [per-example fp16 hidden states]) over a loader, the teacher in eval mode."""
-    idx, logits, hidden = [], [], []
+def teacher_hidden_states(teacher: nn.Module, loader, device: torch.device) -> tuple[np.ndarray, list[Tensor]]:
+    """(idx, each example's last hidden states over its real tokens, float16) over a loader, the
+    teacher in eval mode."""
+    idx, hidden = [], []
     was_training = teacher.training
     teacher.eval()
     try:
         with torch.inference_mode():
             for batch in loader:
                 batch = to_device(batch, device)
-                out = teacher(**{k: batch[k] for k in MODEL_INPUTS}, output_hidden_states=want_hidden)
+                out = teacher(**{k: batch[k] for k in MODEL_INPUTS}, output_hidden_states=True)
                 idx.append(batch["idx"].cpu())
-                logits.append(out.logits.float().cpu())
-                if want_hidden:
-                    last, lengths = out.hidden_states[-1], batch["attention_mask"].sum(1)
-                    hidden.extend(last[b, :int(n)].to(torch.float16).cpu() for b, n in enumerate(lengths))
+                last, lengths = out.hidden_states[-1], batch["attention_mask"].sum(1)
+                hidden.extend(last[b, :int(n)].to(torch.float16).cpu() for b, n in enumerate(lengths))
     finally:
         teacher.train(was_training)
-    return torch.cat(idx).numpy(), torch.cat(logits), hidden
+    return torch.cat(idx).numpy(), hidden
 
 
 # --- the method --------------------------------------------------------------------------------------
@@ -271,19 +259,14 @@ def _teacher_pass(teacher: nn.Module, loader, device: torch.device, want_hidden:
 class DistilBert(Method):
     name = "distilbert"
 
-    def __init__(self, job):
-        super().__init__(job)
-        self.student: nn.Module | None = None
-
-    # the plan: depth, map, what the cache keys hold
     @property
     def mcfg(self) -> DictConfig:
         return self.cfg.method
 
-    def plan(self) -> dict:
+    def plan_for(self, target: float) -> dict:
+        """The student's depth and layer map for `target` (what the cache keys hold)."""
         L = flops.dims(self.job.backbone.config).layers
         tol = float(self.mcfg.tolerance)
-        target = float(self.cfg.speedup)
         if self.mcfg.init == "hub":
             k = 6  # distilbert-base-uncased's depth
             if abs(L / k - target) > tol * target:
@@ -314,51 +297,42 @@ class DistilBert(Method):
         return {k: float(self.mcfg[k]) for k in ("temperature", "alpha_ce", "alpha_hard", "alpha_cos")}
 
     def teacher_targets(self, need_hidden: bool) -> TeacherTargets:
+        """The teacher's logits on train (the shared teacher-logits phase) and, when asked, its last
+        hidden states (cached float16, keyed on the backbone: shared by every depth and loss)."""
         job = self.job
-        key = {"backbone": job.backbone_key, "split": "train"}
-
-        def make_logits(tmp: Path) -> None:
-            idx, logits, _ = _teacher_pass(job.backbone, job.loader("train"), job.device, want_hidden=False)
-            torch.save({"idx": torch.as_tensor(idx), "logits": logits}, tmp / "logits.pt")
-
-        def make_hidden(tmp: Path) -> None:
-            idx, _, hidden = _teacher_pass(job.backbone, job.loader("train"), job.device, want_hidden=True)
-            lengths = torch.tensor([h.shape[0] for h in hidden])
-            offsets = torch.cumsum(lengths, 0) - lengths
-            torch.save({"idx": torch.as_tensor(idx), "lengths": lengths, "offsets": offsets,
-                        "hidden": torch.cat(hidden)}, tmp / "hidden.pt")
-
-        start = time.perf_counter()
-        path = job.cache.get_or_make("teacher_logits", key, make_logits)
-        saved = torch.load(path / "logits.pt", weights_only=True)
-        targets = TeacherTargets(saved["idx"].numpy(), saved["logits"])
-        job.info.setdefault("phases", {})["teacher_logits"] = str(path)
+        logits = teacher_logits(job)
+        targets = TeacherTargets(np.fromiter(logits, dtype=np.int64), torch.stack(list(logits.values())))
         if need_hidden:
-            hpath = job.cache.get_or_make("teacher_hidden", key, make_hidden)
-            h = torch.load(hpath / "hidden.pt", weights_only=True, mmap=True)
+            def make_hidden(tmp: Path) -> None:
+                idx, hidden = teacher_hidden_states(job.backbone, job.loader("train"), job.device)
+                lengths = torch.tensor([h.shape[0] for h in hidden])
+                offsets = torch.cumsum(lengths, 0) - lengths
+                torch.save({"idx": torch.as_tensor(idx), "lengths": lengths, "offsets": offsets,
+                            "hidden": torch.cat(hidden)}, tmp / "hidden.pt")
+
+            path = job.phases.get("teacher-hidden", {"backbone": job.backbone_key, "split": "train"}, make_hidden)
+            h = torch.load(path / "hidden.pt", weights_only=True, mmap=True)
             hrow = {int(i): r for r, i in enumerate(h["idx"].tolist())}
-            order = [hrow[int(i)] for i in saved["idx"].tolist()]  # align with the logits' rows
+            order = [hrow[int(i)] for i in logits]  # align with the logits' rows
             targets.hidden_flat = h["hidden"]
             targets.offsets, targets.lengths = h["offsets"].numpy()[order], h["lengths"].numpy()[order]
-            job.info["phases"]["teacher_hidden"] = str(hpath)
-        job.info.setdefault("phase_seconds", {})["teacher_targets"] = round(time.perf_counter() - start, 2)
         return targets
 
-    def fit(self) -> None:
-        job, plan, loss = self.job, self.plan(), self.loss_cfg()
+    def train_phases(self, target: float) -> None:
+        job, loss = self.job, self.loss_cfg()
+        self.plan = plan = self.plan_for(target)
         cached_hidden = loss["alpha_cos"] > 0 and bool(self.mcfg.cache_hidden)
         lr = float(self.mcfg.lr) if self.mcfg.lr is not None else float(self.cfg.train.lr)
         key = {"backbone": job.backbone_key, **plan, "loss": loss, "lr": lr, "epochs": int(self.cfg.budget.epochs),
                "hub_id": self.mcfg.hub_id if plan["init"] == "hub" else None}
 
-        def make(tmp: Path) -> None:
+        def train(tmp: Path):
             targets = self.teacher_targets(need_hidden=cached_hidden)
             if plan["init"] == "hub":
                 student = bert_from_distilbert(load_distilbert(self.mcfg.hub_id), job.backbone)
             else:
                 student = init_student(job.backbone, plan["layer_map"])
             teacher = job.backbone
-            calib = job.loader("calib")
             torch.manual_seed(self.cfg.seed)
 
             def step(model: nn.Module, batch: dict) -> Tensor:
@@ -380,30 +354,20 @@ class DistilBert(Method):
                 return total
 
             def evaluate(model: nn.Module) -> float:  # checkpoint choice on calib, never on dev
-                result = run_eval(model, None, calib, job.device)
-                return task_data.compute_metrics(self.cfg.task.metric, result.predictions, result.labels)[
-                    task_data.PRIMARY[self.cfg.task.metric]]
+                return calib_score(job, model)
 
-            train_cfg = OmegaConf.merge(self.cfg.train, {"lr": lr})
-            start = time.perf_counter()
-            info = fit(student, job.loader("train", train=True), train_cfg=train_cfg, epochs=int(self.cfg.budget.epochs),
-                       device=job.device, evaluate=evaluate, step_fn=step, log_fn=job.log, desc="distil")
-            info["train_seconds"] = round(time.perf_counter() - start, 1)
-            student.save_pretrained(tmp)
-            (tmp / "info.json").write_text(json.dumps({**info, **plan}, indent=1))
+            info = fit(student, job.loader("train", train=True), train_cfg=OmegaConf.merge(self.cfg.train, {"lr": lr}),
+                       epochs=int(self.cfg.budget.epochs), device=job.device, evaluate=evaluate, step_fn=step,
+                       log_fn=job.log, desc="distil")
+            return student, {**info, **plan}
 
-        start = time.perf_counter()
-        path = job.cache.get_or_make("distilbert", key, make)
-        self.student = AutoModelForSequenceClassification.from_pretrained(path).to(job.device).eval()
-        trained = json.loads((path / "info.json").read_text())
-        job.info.setdefault("phase_seconds", {})["student"] = round(time.perf_counter() - start, 2)
-        job.info.setdefault("phases", {})["student"] = str(path)
-        job.info["distilbert"] = {**plan, "loss": loss, "lr": lr, "best_calib_score": trained.get("best_score"),
-                                  "best_epoch": trained.get("best_epoch"), "train_seconds": trained.get("train_seconds")}
+        self.student, info, _ = job.phases.model("distilbert", key, train)
+        job.info["distilbert"] = {**plan, "loss": loss, "lr": lr, "best_calib_score": info.get("best_score"),
+                                  "best_epoch": info.get("best_epoch"), "train_seconds": info.get("train_seconds")}
 
-    def calibrate(self) -> dict:
+    def choose_knob(self, target: float) -> dict:
         """Nothing to tune: the depth is the knob. Reports the speedup it gives on calib's lengths."""
-        plan = self.plan()
+        plan = self.plan
         lengths = np.asarray(self.job.splits["calib"]["length"])
         config = self.job.backbone.config
         dm = flops.dims(config)
@@ -414,9 +378,4 @@ class DistilBert(Method):
                 "init": plan["init"], "expected_speedup": expected}
 
     def model(self) -> nn.Module:
-        if self.student is None:
-            self.fit()
         return self.student
-
-    def policy(self):
-        return None

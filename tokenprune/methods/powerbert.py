@@ -22,38 +22,33 @@ attention (`topk.kept_count`). r_j[0], [CLS]'s bin, is held at 1: [CLS] is alway
 retention decision (the encoder leaves [CLS] unscaled anyway).
 
 The knob. `method.lambda` (null: the paper's per-task value) sets the learned configuration. By
-default (`method.scale_to_target: true`) its shape is kept and scaled to the speedup target: f_j(s)
+default (`method.calibrate: true`) its shape is kept and scaled to the speedup target: f_j(s)
 = min(1, s·f_j), with s the largest scale whose canonical FLOPs speedup on `calib`'s real lengths
 meets `speedup` (bisection, analytic: counts depend only on lengths). Phases 1-2 are shared by all
 targets; phase 3 is keyed on the scaled configuration. With `speedup=1` (the default: no target) or
-`scale_to_target: false`, the learned configuration is used as it is: λ is the knob, as in the
+`calibrate: false`, the learned configuration is used as it is: λ is the knob, as in the
 paper (`python run.py -m method=powerbert method.lambda=1e-4,3e-4,1e-3`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification
 
 from tokenprune import flops
 from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenState
 from tokenprune.errors import UserError
-from tokenprune.evaluate import run_eval
 from tokenprune.methods.base import Method
+from tokenprune.methods.toolbox import calib_score, meet_target
 from tokenprune.methods.topk import kept_count, keep_top, significance
-from tokenprune.train import default_param_groups, fit
+from tokenprune.train import default_param_groups, fit, task_loss
 
 log = logging.getLogger(__name__)
 
@@ -107,23 +102,16 @@ def calibrate_scale(lengths: Any, config: Any, fractions: Any, target: float, me
         raise UserError(f"speedup={target} is below 1: give a target speedup >= 1, e.g. speedup=2.")
     fractions = [float(f) for f in fractions]
     s_full = 1.0 / min(fractions)  # every fraction 1: the full model
-    if config_speedup(lengths, config, scale_fractions(fractions, s_full)) >= target:
+
+    def speedup(scale: float) -> float:
+        return config_speedup(lengths, config, scale_fractions(fractions, scale))
+
+    scale, _ = meet_target(speedup, target, gentle=s_full, extreme=0.0, steps=iters, method=method,
+                           extreme_means="keeping only [CLS] after the first layer's attention")
+    if scale == s_full:
         return s_full, scale_fractions(fractions, s_full), config_speedup(lengths, config, [1.0] * len(fractions))
-    best = config_speedup(lengths, config, scale_fractions(fractions, 0.0))
-    if best < target:
-        raise UserError(
-            f"method={method} cannot reach speedup={target} on this task and model (at most {best:.2f}x, keeping "
-            f"only [CLS] after the first layer's attention): lower the speedup target."
-        )
-    lo, hi = 0.0, s_full  # speedup(lo) >= target > speedup(hi)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if config_speedup(lengths, config, scale_fractions(fractions, mid)) >= target:
-            lo = mid
-        else:
-            hi = mid
-    scaled = scale_fractions(fractions, lo)
-    return lo, scaled, config_speedup(lengths, config, scaled)
+    scaled = scale_fractions(fractions, scale)
+    return scale, scaled, config_speedup(lengths, config, scaled)
 
 
 # ---- the policies --------------------------------------------------------------------------------
@@ -207,34 +195,16 @@ class HardExtractPolicy(TokenPolicy):
         return Decision(keep=keep_top(self.scores(layer, state, probs), state.mask, counts))
 
 
-# ---- training helpers ----------------------------------------------------------------------------
-
-def task_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Cross-entropy, or MSE for a regression head (one logit), as the HF head computes it."""
-    if logits.shape[-1] == 1:
-        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
-    return F.cross_entropy(logits, labels)
-
+# ---- the method ----------------------------------------------------------------------------------
 
 def encoder_loss(encoder: nn.Module, batch: dict) -> Tensor:
     out = encoder(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
     return task_loss(out.logits, batch["labels"])
 
 
-def load_model(path: Path, device: torch.device) -> nn.Module:
-    return AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-
-
-# ---- the method ----------------------------------------------------------------------------------
-
 class PowerBert(Method):
     name = "powerbert"
     retrain_kind = "powerbert-retrain"
-
-    def __init__(self, job):
-        super().__init__(job)
-        self.phases: dict[str, dict] = {}
-        self.job.info["phases"] = self.phases
 
     # -- hyper-parameters
     def hparams(self) -> tuple[float, float]:
@@ -260,15 +230,12 @@ class PowerBert(Method):
         return flops.dims(self.job.backbone.config).layers
 
     # -- phase 2
-    def search(self) -> tuple[Path, dict]:
-        """Phase 2 (cached): the searched weights and the learned configuration."""
+    def search(self) -> tuple[nn.Module, dict]:
+        """Phase 2 (cached): the searched model and the learned configuration."""
         job, cfg = self.job, self.cfg
         lam, lr_soft = self.hparams()
-        key = self.search_key()
-        built = {}
 
-        def make(tmp: Path) -> None:
-            built["yes"] = True
+        def train(tmp: Path):
             torch.manual_seed(cfg.seed)
             model = copy.deepcopy(job.backbone)
             policy = SoftExtractPolicy(self._layers(), int(cfg.task.max_length))
@@ -282,44 +249,34 @@ class PowerBert(Method):
             def after_step(_: int) -> None:
                 policy.clip_()
 
-            start = time.perf_counter()
             # no checkpoint choice here: the configuration is what the last epoch learned
             info = fit(encoder, job.loader("train", train=True), train_cfg=cfg.train, epochs=int(cfg.budget.epochs),
                        device=job.device, step_fn=step, param_groups=groups, after_step=after_step,
                        log_fn=job.log, desc="powerbert-search")
             retention = policy.retention.detach().cpu()
-            counts = read_out(retention)
-            N = retention.shape[1]
-            learned = {
+            torch.save(retention, tmp / "retention.pt")
+            counts, N = read_out(retention), retention.shape[1]
+            return model, {
                 "max_length": N,
                 "counts": counts,  # ℓ_j on the N-bin grid
                 "fractions": [c / N for c in counts],  # f_j = ℓ_j / N of each example's real length
                 "retention_sums": [round(float(s), 4) for s in retention.sum(1)],
-                "lambda": lam, "lr_soft_extract": lr_soft,
-                "train_seconds": round(time.perf_counter() - start, 1),
-                "history": info["history"],
+                "lambda": lam, "lr_soft_extract": lr_soft, "history": info["history"],
             }
-            model.save_pretrained(tmp)
-            torch.save(retention, tmp / "retention.pt")
-            (tmp / "configuration.json").write_text(json.dumps(learned, indent=1))
 
-        t0 = time.perf_counter()
-        path = job.cache.get_or_make("powerbert-search", key, make)
-        learned = json.loads((path / "configuration.json").read_text())
-        self.phases["search"] = {"cached": not built, "seconds": round(time.perf_counter() - t0, 2),
-                                 "train_seconds": learned["train_seconds"], "cache_path": str(path)}
+        model, learned, _ = job.phases.model("powerbert-search", self.search_key(), train)
         log.info(f"powerbert search: learned keep fractions {['%.3f' % f for f in learned['fractions']]}")
-        return path, learned
+        return model, learned
 
-    # -- the knob
-    def configure(self, learned: dict) -> dict:
-        """The inference configuration: the learned one, scaled to the target on calib by default."""
+    # -- the configuration for a target
+    def configure(self, learned: dict, target: float) -> dict:
+        """The re-training and inference configuration: the learned one, scaled to the target on
+        calib (by default; `method.calibrate`), or as learned."""
         lengths = self.job.splits["calib"]["length"]
         config = self.job.backbone.config
-        target = float(self.cfg.speedup)
         fractions = learned["fractions"]
         # speedup=1 (the default) asks for no target: λ alone sets the configuration, as in the paper
-        by_target = bool(self.cfg.method.get("scale_to_target", True)) and target != 1.0
+        by_target = bool(self.cfg.method.calibrate) and target != 1.0
         if by_target:
             scale, scaled, calib_speedup = calibrate_scale(lengths, config, fractions, target, self.name)
         else:
@@ -343,68 +300,52 @@ class PowerBert(Method):
     def attach(self, model: nn.Module, policy: TokenPolicy) -> None:
         """Hook for subclasses that need the model's inputs (random: per-example seeds)."""
 
-    def retrain(self, search_path: Path, search_key: dict, fractions: list[float]) -> Path:
+    def retrain(self, searched: nn.Module, fractions: list[float]) -> nn.Module:
         job, cfg = self.job, self.cfg
-        key = {"backbone": job.backbone_key, "search": search_key, "fractions": fractions,
+        key = {"backbone": job.backbone_key, "search": self.search_key(), "fractions": fractions,
                "policy": self.retrain_kind, "epochs": int(cfg.budget.epochs), "lr": float(cfg.train.lr),
                "mode": "gather"}
-        built = {}
 
-        def make(tmp: Path) -> None:
-            built["yes"] = True
+        def train(tmp: Path):
             torch.manual_seed(cfg.seed)
-            model = load_model(search_path, job.device)
+            model = searched.to(job.device)
             policy = self.make_policy(fractions)
             self.attach(model, policy)
             # Hard extraction: the dropped tokens are removed physically while training too (the
             # paper's Extract layer), which is exact and costs only the tokens kept.
             encoder = PrunableEncoder(model, policy, mode="gather")
-            calib_loader = job.loader("calib")
 
             def evaluate(enc: PrunableEncoder) -> float:  # checkpoint choice on calib, never on dev
-                from tokenprune.runner import score
-                return score(cfg.task, run_eval(enc.model, enc.policy, calib_loader, job.device, mode="gather"))[1]
+                return calib_score(job, enc.model, enc.policy)
 
-            start = time.perf_counter()
             info = fit(encoder, job.loader("train", train=True), train_cfg=cfg.train, epochs=int(cfg.budget.epochs),
                        device=job.device, evaluate=evaluate, step_fn=encoder_loss, log_fn=job.log,
                        desc=self.retrain_kind)
-            info["train_seconds"] = round(time.perf_counter() - start, 1)
-            model.save_pretrained(tmp)
-            (tmp / "info.json").write_text(json.dumps(info, indent=1))
+            return model, info
 
-        t0 = time.perf_counter()
-        path = job.cache.get_or_make(self.retrain_kind, key, make)
-        info = json.loads((path / "info.json").read_text())
-        self.phases["retrain"] = {"cached": not built, "seconds": round(time.perf_counter() - t0, 2),
-                                  "train_seconds": info["train_seconds"], "best_epoch": info["best_epoch"],
-                                  "best_calib_score": info["best_score"], "cache_path": str(path)}
-        return path
+        model, info, _ = job.phases.model(self.retrain_kind, key, train)
+        job.info["retrain"] = {"best_epoch": info["best_epoch"], "best_calib_score": info["best_score"],
+                               "train_seconds": info["train_seconds"]}
+        return model
 
-    # -- the Method interface
-    def fit(self) -> None:
-        search_path, learned = self.search()
-        t0 = time.perf_counter()
-        self.knob = self.configure(learned)
-        self.phases["calibrate"] = {"seconds": round(time.perf_counter() - t0, 3)}
-        path = self.retrain(search_path, self.search_key(), self.knob["fractions"])
-        self._model = load_model(path, self.job.device)
+    # -- the Method hooks
+    def train_phases(self, target: float) -> None:
+        searched, learned = self.search()
+        # the schedule phase 3 re-trains at is the target's: calibrated here, on calib's lengths
+        self.knob = self.configure(learned, target)
+        self._model = self.retrain(searched, self.knob["fractions"])
         self._policy = self.make_policy(self.knob["fractions"]).eval()
         self.attach(self._model, self._policy)
 
-    def calibrate(self) -> dict:
-        if not hasattr(self, "knob"):
-            self.fit()
+    def choose_knob(self, target: float) -> dict:
+        """The configuration fit re-trained at: re-training does not change token counts, so the
+        calibration done before it stands."""
         return self.knob
 
     def model(self) -> nn.Module:
-        if not hasattr(self, "_model"):
-            self.fit()
         return self._model
 
     def policy(self) -> TokenPolicy:
-        if not hasattr(self, "_policy"):
-            self.fit()
         return self._policy
 
 

@@ -4,7 +4,7 @@ attention received, averaged over heads, self excluded, from real queries only);
 on through all later layers.
 
 The knob, the keep fraction, is derived analytically: the largest fraction whose canonical FLOPs
-speedup on the `calib` split's lengths meets `cfg.speedup` (bisection; the speedup only grows as the
+speedup on the `calib` split's lengths meets the target (bisection; the speedup only grows as the
 fraction falls).
 """
 
@@ -20,6 +20,7 @@ from tokenprune import flops
 from tokenprune.encoder import Decision, TokenPolicy, TokenState
 from tokenprune.errors import UserError
 from tokenprune.methods.base import Method
+from tokenprune.methods.toolbox import meet_target
 
 
 def kept_count(n: Any, fraction: float) -> Any:
@@ -86,22 +87,9 @@ def calibrate_keep_fraction(lengths: Any, config: Any, layer: int, target: float
         attn, ffn = topk_counts(lengths, layers, layer, fraction)
         return flops.speedup(base, flops.canonical_flops(attn, ffn, config))
 
-    if speedup(1.0) >= target:
-        return 1.0
-    best = speedup(0.0)  # only [CLS] left from layer k's FFN on
-    if best < target:
-        raise UserError(
-            f"method=topk cannot reach speedup={target} from layer {layer} on this task (at most {best:.2f}× "
-            f"even keeping only [CLS]): lower the speedup target or set method.layer to an earlier layer."
-        )
-    lo, hi = 0.0, 1.0  # speedup(lo) >= target > speedup(hi)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if speedup(mid) >= target:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    fraction, _ = meet_target(speedup, target, gentle=1.0, extreme=0.0, steps=iters, method="topk",
+                              extreme_means=f"keeping only [CLS] from layer {layer} on (an earlier method.layer cuts more)")
+    return fraction
 
 
 class TopK(Method):
@@ -114,13 +102,11 @@ class TopK(Method):
             raise UserError(f"method.layer={layer} is not a layer of this {layers}-layer model: give 0..{layers - 1}.")
         return layer
 
-    def calibrate(self) -> dict:
-        layer = self._layer()
+    def choose_knob(self, target: float) -> dict:
+        self.layer = self._layer()
         lengths = self.job.splits["calib"]["length"]
-        self.keep_fraction = calibrate_keep_fraction(lengths, self.job.backbone.config, layer, float(self.cfg.speedup))
-        return {"keep_fraction": self.keep_fraction, "layer": layer}
+        self.keep_fraction = calibrate_keep_fraction(lengths, self.job.backbone.config, self.layer, target)
+        return {"keep_fraction": self.keep_fraction, "layer": self.layer}
 
     def policy(self) -> TopKPolicy:
-        if not hasattr(self, "keep_fraction"):
-            self.calibrate()
-        return TopKPolicy(self._layer(), self.keep_fraction)
+        return TopKPolicy(self.layer, self.keep_fraction)

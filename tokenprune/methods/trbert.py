@@ -28,10 +28,10 @@ Training (each phase cached on the backbone's key and its own parameters):
     D   the backbone's logits on train (the teacher), cached.
     E   backbone and selectors jointly: the same rollouts, task loss soft cross-entropy to the
         teacher (T = 1; MSE for regression), reward R = −soft-CE − α_E·ΔL, loss mean soft-CE + policy
-        loss. α_E = alpha·(speedup − 1) with knob=speedup (so a harder target trains a policy that
-        drops more), alpha itself with knob=alpha.
+        loss. α_E = alpha·(target − 1) with calibrate=true (so a harder target trains a policy that
+        drops more), alpha itself with calibrate=false.
 
-Then (knob=speedup) the threshold is calibrated on calib, in gather mode with the eval batching: the
+Then (calibrate=true) the threshold is calibrated on calib, in gather mode with the eval batching: the
 smallest threshold whose canonical FLOPs speedup is at least the target (bisection on the logit).
 
 Choices and deviations from the original, on purpose:
@@ -43,7 +43,8 @@ Choices and deviations from the original, on purpose:
   * log p is computed as logsigmoid (stable) instead of log(p + 1e-6).
   * Phase E detaches the selectors' inputs by default (`detach_selector_input`): the policy loss
     trains the selectors, not the backbone.
-  * K, the epochs and the examples of B–E follow the budget (`method.budgets`); no checkpoint
+  * K, the epochs and the examples of B–E are capped by the budget (`budget.rl_rollouts`,
+    `rl_epochs`, `rl_max_examples`); no checkpoint
     selection in C and E (the last epoch's weights; never dev).
 """
 
@@ -53,25 +54,22 @@ import copy
 import json
 import logging
 import math
-import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification
 
 from tokenprune import flops
-from tokenprune.data import make_loader
 from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenState
 from tokenprune.errors import UserError
 from tokenprune.evaluate import run_eval
 from tokenprune.methods.base import Method
-from tokenprune.train import fit, to_device
+from tokenprune.methods.toolbox import meet_target, teacher_logits
+from tokenprune.train import default_param_groups, fit, task_loss, to_device
 
 log = logging.getLogger(__name__)
 
@@ -224,13 +222,6 @@ class _Trainer(nn.Module):
 
 # ---- losses --------------------------------------------------------------------------------------
 
-def task_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-row CE (MSE for a regression head)."""
-    if logits.shape[-1] == 1:
-        return (logits[:, 0] - labels.to(logits.dtype)) ** 2
-    return F.cross_entropy(logits, labels, reduction="none")
-
-
 def soft_loss(logits: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
     """Per-row soft cross-entropy to the teacher's distribution (MSE to its output for regression)."""
     if logits.shape[-1] == 1:
@@ -287,43 +278,45 @@ class TrBert(Method):
     name = "trbert"
 
     # ---- config -------------------------------------------------------------------------------
-    def _caps(self) -> dict:
-        caps = self.cfg.method.get("budgets") or {}
-        c = caps.get(self.cfg.budget.name)
-        return {} if c is None else OmegaConf.to_container(c, resolve=True)
+    def _cap(self, field: str) -> int | None:
+        """The budget's cap on the RL phases (`budget.rl_rollouts`, `rl_max_examples`, `rl_epochs`):
+        a budget scales how much of the costly rollouts a method runs; none set means no cap."""
+        cap = self.cfg.budget.get(field)
+        return int(cap) if cap else None
 
     @property
     def rollouts(self) -> int:
         k = int(self.cfg.method.rollouts)
-        cap = self._caps().get("rollouts")
-        k = min(k, int(cap)) if cap else k
+        cap = self._cap("rl_rollouts")
+        k = min(k, cap) if cap else k
         if k < 2:
             raise UserError(f"method.rollouts={k}: the mean baseline needs at least 2 rollouts per example; give 2 or more.")
         return k
 
     @property
     def epochs(self) -> int:
-        cap = self._caps().get("epochs")
-        return min(int(self.cfg.budget.epochs), int(cap)) if cap else int(self.cfg.budget.epochs)
+        cap = self._cap("rl_epochs")
+        return min(int(self.cfg.budget.epochs), cap) if cap else int(self.cfg.budget.epochs)
 
     def alpha(self) -> float:
-        """The task's α (phase C; phase E with knob=alpha)."""
+        """The task's α (phase C; phase E with calibrate=false)."""
         m = self.cfg.method
         if m.alpha is not None:
             return float(m.alpha)
         table = m.alpha_by_task
         return float(table.get(self.cfg.task.name, table.get("default", 1.0)))
 
-    def alpha_joint(self) -> float:
-        """Phase E's α: alpha·(speedup − 1) for knob=speedup (0 at 1×, alpha at 2×, 2·alpha at 3×)."""
-        if self.cfg.method.knob == "alpha":
+    def alpha_joint(self, target: float) -> float:
+        """Phase E's α: alpha·(target − 1) when calibrating to the target (0 at 1×, alpha at 2×,
+        2·alpha at 3×); alpha itself otherwise."""
+        if not self.cfg.method.calibrate:
             return self.alpha()
-        return self.alpha() * (float(self.cfg.speedup) - 1.0)
+        return self.alpha() * (target - 1.0)
 
     def _check(self) -> None:
         m = self.cfg.method
-        if m.knob not in ("speedup", "alpha"):
-            raise UserError(f"method.knob={m.knob!r} is not valid: give speedup or alpha.")
+        if not isinstance(m.calibrate, bool):
+            raise UserError(f"method.calibrate={m.calibrate!r} is not valid: give true or false.")
         if not 0 <= float(m.guide_rate) <= 1:
             raise UserError(f"method.guide_rate={m.guide_rate} is not valid: give a fraction in [0, 1].")
         if not 0 < float(m.threshold) < 1:
@@ -336,19 +329,17 @@ class TrBert(Method):
         """The examples phases B–E use: a seeded sample of train, capped by the budget."""
         if not hasattr(self, "_train"):
             ds = self.job.splits["train"]
-            cap = self._caps().get("max_examples")
+            cap = self._cap("rl_max_examples")
             if cap and len(ds) > cap:
-                rows = np.random.default_rng(self.cfg.seed + 17).permutation(len(ds))[: int(cap)]
+                rows = np.random.default_rng(self.cfg.seed + 17).permutation(len(ds))[:cap]
                 ds = ds.select(sorted(rows.tolist()))
             self._train = ds
         return self._train
 
     def _loader(self, train: bool, batch_size: int):
-        ds = self._train_split()
         # training batches of similar length (formed from the sorted order, then shuffled): mask
         # mode computes padding too, so this keeps the K-fold rollouts cheap
-        return make_loader(ds, batch_size, shuffle=train, seed=self.cfg.seed, sort_by_length=True,
-                           pad_token_id=self.job.tokenizer.pad_token_id or 0)
+        return self.job.loader(self._train_split(), train=train, batch_size=batch_size, grouped=True)
 
     def _key(self, **phase) -> dict:
         n = len(self._train_split())
@@ -357,14 +348,6 @@ class TrBert(Method):
     def _new_policy(self) -> TrBertPolicy:
         c = self.job.backbone.config
         return TrBertPolicy(int(c.hidden_size), int(c.num_hidden_layers), int(self.cfg.method.selector_hidden))
-
-    def _phase(self, name: str, kind: str, key: dict, make) -> Path:
-        start = time.perf_counter()
-        cached = self.job.cache.has(kind, key)
-        path = self.job.cache.get_or_make(kind, key, make)
-        self.job.info.setdefault("phase_times", {})[name] = round(time.perf_counter() - start, 2)
-        self.job.info.setdefault("phase_cached", {})[name] = cached
-        return path
 
     def _guide_tensor(self, scores: dict[int, np.ndarray], idx: Tensor, width: int) -> Tensor:
         S = len(selection_points(self.job.backbone.config.num_hidden_layers))
@@ -375,7 +358,7 @@ class TrBert(Method):
         return g
 
     # ---- phases -------------------------------------------------------------------------------------
-    def fit(self) -> None:
+    def train_phases(self, target: float) -> None:
         self._check()
         job, cfg, m = self.job, self.cfg, self.cfg.method
         device = job.device
@@ -385,7 +368,7 @@ class TrBert(Method):
         ref, sources = score_layers(layers)
         job.info.update(selection_points=selection_points(layers), reference_layer=ref, source_layers=sources,
                         rollouts=self.rollouts, epochs=self.epochs, alpha_rl=self.alpha(),
-                        alpha_joint=self.alpha_joint(), train_examples=len(self._train_split()))
+                        alpha_joint=self.alpha_joint(target), train_examples=len(self._train_split()))
 
         # B: residual-strategy scores
         key_b = self._key(phase="scores", ref=ref, sources=sources)
@@ -394,7 +377,7 @@ class TrBert(Method):
             sc = residual_scores(job.backbone, self._loader(False, eval_bs), device, layers)
             np.savez_compressed(tmp / "scores.npz", **{str(k): v for k, v in sc.items()})
 
-        path = self._phase("B_scores", "trbert_scores", key_b, make_scores)
+        path = job.phases.get("trbert-scores", key_b, make_scores)
         with np.load(path / "scores.npz") as z:
             scores = {int(k): z[k] for k in z.files}
 
@@ -411,7 +394,7 @@ class TrBert(Method):
                 self._init_selectors(pol, scores)
                 torch.save(pol.state_dict(), tmp / "policy.pt")
 
-            path = self._phase("B1_init", "trbert_init", key_i, make_init)
+            path = job.phases.get("trbert-init", key_i, make_init)
             init_state = torch.load(path / "policy.pt", map_location="cpu")
             key_c_init = key_i
         else:
@@ -432,7 +415,7 @@ class TrBert(Method):
             torch.save(pol.state_dict(), tmp / "policy.pt")
             (tmp / "info.json").write_text(json.dumps(hist))
 
-        path = self._phase("C_rl", "trbert_rl", key_c, make_rl)
+        path = job.phases.get("trbert-rl", key_c, make_rl)
         policy.load_state_dict(torch.load(path / "policy.pt", map_location="cpu"))
         self._model = job.backbone
         self._policy = policy
@@ -440,34 +423,25 @@ class TrBert(Method):
         if not m.joint:
             return
 
-        # D: teacher logits on the training examples
-        key_d = self._key(phase="teacher")
-
-        def make_teacher(tmp: Path) -> None:
-            res = run_eval(job.backbone, None, self._loader(False, eval_bs), device, mode="gather", progress=False)
-            np.savez_compressed(tmp / "teacher.npz", idx=res.idx, logits=res.logits)
-
-        path = self._phase("D_teacher", "trbert_teacher", key_d, make_teacher)
-        with np.load(path / "teacher.npz") as z:
-            teacher = dict(zip(z["idx"].tolist(), torch.from_numpy(z["logits"]).float()))
+        # D: the backbone's logits on the training examples (the shared teacher-logits phase)
+        teacher = teacher_logits(job, self._train_split())
 
         # E: joint training with the target's α
-        key_e = {**key_c, "phase": "joint", "rl": key_c, "alpha_joint": self.alpha_joint(), "lr_backbone": float(m.lr),
-                 "detach": bool(m.detach_selector_input), "temperature": float(m.teacher_temperature)}
+        key_e = {**key_c, "phase": "joint", "rl": key_c, "alpha_joint": self.alpha_joint(target),
+                 "lr_backbone": float(m.lr), "detach": bool(m.detach_selector_input),
+                 "temperature": float(m.teacher_temperature)}
 
-        def make_joint(tmp: Path) -> None:
+        def train_joint(tmp: Path):
             torch.manual_seed(cfg.seed)
             backbone = copy.deepcopy(job.backbone).to(device)
             pol = self._new_policy()
             pol.load_state_dict(policy.state_dict())
             pol.detach_input = bool(m.detach_selector_input)
-            hist = self._reinforce(backbone, pol, scores, self.alpha_joint(), joint=True, teacher=teacher)
-            backbone.save_pretrained(tmp / "backbone")
+            hist = self._reinforce(backbone, pol, scores, self.alpha_joint(target), joint=True, teacher=teacher)
             torch.save(pol.state_dict(), tmp / "policy.pt")
-            (tmp / "info.json").write_text(json.dumps(hist))
+            return backbone, hist
 
-        path = self._phase("E_joint", "trbert_joint", key_e, make_joint)
-        model = AutoModelForSequenceClassification.from_pretrained(path / "backbone").to(device).eval()
+        model, _, path = job.phases.model("trbert-joint", key_e, train_joint)
         policy = self._new_policy()
         policy.load_state_dict(torch.load(path / "policy.pt", map_location="cpu"))
         self._model, self._policy = model, policy
@@ -525,7 +499,7 @@ class TrBert(Method):
                 t = torch.stack([teacher[i] for i in batch["idx"].tolist()]).to(device)
                 task = soft_loss(out.logits, tile(t), float(m.teacher_temperature))
             else:
-                task = task_loss(out.logits, tile(batch["labels"]))
+                task = task_loss(out.logits, tile(batch["labels"]), reduction="none")
             frac = policy.kept_fraction(out.trace.lengths)
             r = reward(task, frac, alpha)
             loss = policy_loss(r, policy.nll(), K)
@@ -540,7 +514,7 @@ class TrBert(Method):
 
         groups = [{"params": list(policy.parameters()), "lr": float(m.selector_lr), "weight_decay": 0.0}]
         if joint:
-            groups += [g for g in _backbone_groups(backbone, float(m.lr), float(self.cfg.train.weight_decay))]
+            groups += default_param_groups(backbone, float(m.lr), float(self.cfg.train.weight_decay))
         try:
             info = fit(trainer, loader, train_cfg=self.cfg.train, epochs=self.epochs, device=device, step_fn=step,
                        param_groups=groups, after_step=after, log_fn=self.job.log,
@@ -563,14 +537,11 @@ class TrBert(Method):
         ours = flops.canonical_flops(res.attn_tokens, res.ffn_tokens, self._model.config, res.selector_flops)
         return flops.speedup(base, ours)
 
-    def calibrate(self) -> dict:
-        if not hasattr(self, "_policy"):
-            self.fit()
+    def choose_knob(self, target: float) -> dict:
         m = self.cfg.method
-        if m.knob == "alpha":
+        if not m.calibrate:
             self.tau = math.log(float(m.threshold) / (1 - float(m.threshold)))
-            return {"threshold": float(m.threshold), "alpha_joint": self.alpha_joint(), "knob": "alpha"}
-        target = float(self.cfg.speedup)
+            return {"threshold": float(m.threshold), "alpha_joint": self.alpha_joint(target), "knob": "alpha"}
         loader = self.job.loader("calib")
         # the selectors' logits on calib without pruning bound the search
         pol = self.policy_at(0.0)
@@ -588,37 +559,21 @@ class TrBert(Method):
         if not math.isfinite(lo):
             lo, hi = -1.0, 1.0
         lo, hi = lo - 1.0, hi + 1.0
-        start = time.perf_counter()
-        s_lo = self._speedup_at(lo, loader)
-        if s_lo >= target:  # keeping everything already meets it (a target at or near 1)
-            hi, s_hi = lo, s_lo
-        else:
-            s_hi = self._speedup_at(hi, loader)
-            for _ in range(6):  # pruned runs can see logits beyond the unpruned range: widen
-                if s_hi >= target:
-                    break
-                hi += 2 * (hi - lo)
-                s_hi = self._speedup_at(hi, loader)
-            if s_hi < target:
-                s_inf = self._speedup_at(math.inf, loader)
-                if s_inf < target:
-                    raise UserError(
-                        f"method=trbert cannot reach speedup={target} on this task (at most {s_inf:.2f}x on calib "
-                        f"even keeping only [CLS] after layer 0): lower the speedup target.")
-                hi, s_hi = math.inf, s_inf
-            else:  # invariant: speedup(lo) < target <= speedup(hi)
-                for _ in range(int(m.calib_iters)):
-                    mid = (lo + hi) / 2
-                    s = self._speedup_at(mid, loader)
-                    if s >= target:
-                        hi, s_hi = mid, s
-                    else:
-                        lo = mid
-        self.tau = hi
-        self.job.info.setdefault("phase_times", {})["calibrate"] = round(time.perf_counter() - start, 2)
-        threshold = 1.0 if hi == math.inf else 1 / (1 + math.exp(-hi))
-        return {"threshold": threshold, "threshold_logit": hi, "calib_speedup": s_hi, "alpha_joint": self.alpha_joint(),
-                "knob": "speedup", "batch_max": bool(m.batch_max)}
+
+        def extremes():  # pruned runs can see logits beyond the unpruned range: widen, then keep only [CLS]
+            h = hi
+            yield h
+            for _ in range(6):
+                h += 2 * (h - lo)
+                yield h
+            yield math.inf
+
+        self.tau, s_hi = meet_target(lambda tau: self._speedup_at(tau, loader), target, gentle=lo, extreme=extremes(),
+                                     steps=int(m.calib_iters), method="trbert",
+                                     extreme_means="even keeping only [CLS] after layer 0")
+        threshold = 1.0 if self.tau == math.inf else 1 / (1 + math.exp(-self.tau))
+        return {"threshold": threshold, "threshold_logit": self.tau, "calib_speedup": s_hi,
+                "alpha_joint": self.alpha_joint(target), "knob": "speedup", "batch_max": bool(m.batch_max)}
 
     def policy_at(self, tau: float) -> TrBertPolicy:
         pol = self._new_policy()
@@ -627,19 +582,8 @@ class TrBert(Method):
         return pol.to(self.job.device).eval()
 
     def model(self) -> nn.Module:
-        if not hasattr(self, "_model"):
-            self.fit()
         return self._model
 
     def policy(self) -> TrBertPolicy:
-        if not hasattr(self, "tau"):
-            self.calibrate()
         return self.policy_at(self.tau)
 
-
-def _backbone_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "lr": lr, "weight_decay": weight_decay},
-            {"params": no_decay, "lr": lr, "weight_decay": 0.0}]

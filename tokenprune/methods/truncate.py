@@ -27,8 +27,6 @@ max_length nothing is cut and the backbone is used as it is.
 from __future__ import annotations
 
 import copy
-import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +34,14 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification
 
 from tokenprune import data as task_data
 from tokenprune import flops
 from tokenprune.encoder import Decision, TokenPolicy, TokenState
 from tokenprune.errors import UserError
-from tokenprune.evaluate import run_eval
 from tokenprune.methods.base import Method
+from tokenprune.methods.toolbox import calib_score, meet_target
+from tokenprune.models import load_backbone
 from tokenprune.train import classification_loss, fit
 
 
@@ -77,92 +75,53 @@ def truncation_speedup(lengths: Any, k: int, config: Any) -> float:
 def choose_k(lengths: Any, config: Any, target: float, max_length: int) -> int:
     """The largest k <= max_length whose speedup on `lengths` is at least `target`."""
     n = np.asarray(lengths, dtype=np.int64)
-    if truncation_speedup(n, max_length, config) >= target:
-        return max_length
-    best = truncation_speedup(n, 1, config)
-    if best < target:
-        raise UserError(
-            f"method=truncate cannot reach speedup={target:g} on this task: even keeping only [CLS] gives "
-            f"{best:.2f}x on the calib lengths, so lower the speedup target."
-        )
-    k = min(max_length, int(n.max()))
-    while truncation_speedup(n, k, config) < target:  # at most max_length steps, each a vector op
-        k -= 1
-    return k
+    k, _ = meet_target(lambda k: truncation_speedup(n, int(k), config), target, gentle=max_length, extreme=1,
+                       scan=range(min(max_length, int(n.max())), 0, -1), method="truncate",
+                       extreme_means="even keeping only [CLS]")
+    return int(k)
 
 
 class Truncate(Method):
     name = "truncate"
 
-    def __init__(self, job):
-        super().__init__(job)
-        self._k: int | None = None
-        self.truncated: nn.Module | None = None
-
-    @property
-    def k(self) -> int:
-        if self._k is None:
-            lengths = self.job.splits["calib"]["length"]
-            self._k = choose_k(lengths, self.job.backbone.config, float(self.cfg.speedup), int(self.cfg.task.max_length))
-        return self._k
-
-    @property
-    def cuts(self) -> bool:
-        return self.k < int(self.cfg.task.max_length)
-
-    def fit(self) -> None:
-        job, k = self.job, self.k
-        if self.mcfg_init() not in ("backbone", "pretrained"):
-            raise UserError(f"method.init={self.cfg.method.init!r} is not valid: it must be backbone or pretrained.")
-        if not self.cuts:
+    def train_phases(self, target: float) -> None:
+        job, cfg = self.job, self.cfg
+        init = str(cfg.method.init)
+        if init not in ("backbone", "pretrained"):
+            raise UserError(f"method.init={cfg.method.init!r} is not valid: it must be backbone or pretrained.")
+        self.k = k = choose_k(job.splits["calib"]["length"], job.backbone.config, target, int(cfg.task.max_length))
+        if k >= int(cfg.task.max_length):  # nothing is cut: the backbone as it is
             self.truncated = job.backbone
             job.info["truncate"] = {"k": k, "trained": False}
             return
-        lr = float(self.cfg.method.lr) if self.cfg.method.lr is not None else float(self.cfg.train.lr)
-        init = self.mcfg_init()
-        key = {"backbone": job.backbone_key, "k": k, "init": init, "lr": lr, "epochs": int(self.cfg.budget.epochs)}
+        lr = float(cfg.method.lr) if cfg.method.lr is not None else float(cfg.train.lr)
+        key = {"backbone": job.backbone_key, "k": k, "init": init, "lr": lr, "epochs": int(cfg.budget.epochs)}
 
-        def make(tmp: Path) -> None:
+        def train(tmp: Path):
             if init == "backbone":
                 model = copy.deepcopy(job.backbone)
             else:
-                from tokenprune.models import load_backbone
-
-                model = load_backbone(self.cfg.model, task_data.num_labels(self.cfg.task), self.cfg.seed)
+                model = load_backbone(cfg.model, task_data.num_labels(cfg.task), cfg.seed)
             model.to(job.device)
-            calib = job.loader("calib")
             policy = TruncatePolicy(k)
-            torch.manual_seed(self.cfg.seed)
+            torch.manual_seed(cfg.seed)
 
             def step(m: nn.Module, batch: dict) -> Tensor:
                 return classification_loss(m, truncate_batch(batch, k))
 
             def evaluate(m: nn.Module) -> float:  # checkpoint choice on calib (cut to k), never on dev
-                result = run_eval(m, policy, calib, job.device)
-                return task_data.compute_metrics(self.cfg.task.metric, result.predictions, result.labels)[
-                    task_data.PRIMARY[self.cfg.task.metric]]
+                return calib_score(job, m, policy)
 
-            start = time.perf_counter()
-            info = fit(model, job.loader("train", train=True), train_cfg=OmegaConf.merge(self.cfg.train, {"lr": lr}),
-                       epochs=int(self.cfg.budget.epochs), device=job.device, evaluate=evaluate, step_fn=step,
+            info = fit(model, job.loader("train", train=True), train_cfg=OmegaConf.merge(cfg.train, {"lr": lr}),
+                       epochs=int(cfg.budget.epochs), device=job.device, evaluate=evaluate, step_fn=step,
                        log_fn=job.log, desc="truncate")
-            info["train_seconds"] = round(time.perf_counter() - start, 1)
-            model.save_pretrained(tmp)
-            (tmp / "info.json").write_text(json.dumps({**info, "k": k, "init": init}, indent=1))
+            return model, {**info, "k": k, "init": init}
 
-        start = time.perf_counter()
-        path = job.cache.get_or_make("truncate", key, make)
-        self.truncated = AutoModelForSequenceClassification.from_pretrained(path).to(job.device).eval()
-        trained = json.loads((path / "info.json").read_text())
-        job.info.setdefault("phases", {})["truncate"] = str(path)
-        job.info["truncate"] = {"k": k, "trained": True, "init": init, "lr": lr, "best_calib_score": trained.get("best_score"),
-                                "best_epoch": trained.get("best_epoch"), "train_seconds": trained.get("train_seconds"),
-                                "load_or_train_seconds": round(time.perf_counter() - start, 2)}
+        self.truncated, info, _ = job.phases.model("truncate", key, train)
+        job.info["truncate"] = {"k": k, "trained": True, "init": init, "lr": lr, "best_calib_score": info.get("best_score"),
+                                "best_epoch": info.get("best_epoch"), "train_seconds": info.get("train_seconds")}
 
-    def mcfg_init(self) -> str:
-        return str(self.cfg.method.init)
-
-    def calibrate(self) -> dict:
+    def choose_knob(self, target: float) -> dict:
         lengths = np.asarray(self.job.splits["calib"]["length"])
         k = self.k
         return {"k": k, "expected_speedup": truncation_speedup(lengths, k, self.job.backbone.config),
@@ -170,9 +129,7 @@ class Truncate(Method):
                 "calib_tokens_kept": float(np.minimum(lengths, k).sum() / lengths.sum())}
 
     def model(self) -> nn.Module:
-        if self.truncated is None:
-            self.fit()
         return self.truncated
 
     def policy(self) -> TruncatePolicy | None:
-        return TruncatePolicy(self.k) if self.cuts else None
+        return TruncatePolicy(self.k) if self.k < int(self.cfg.task.max_length) else None

@@ -1,0 +1,159 @@
+"""What methods share, so that a method module holds only its policy, its phases and its knob.
+
+- `Phases`: every cached phase of a job goes through it. `get` builds an entry when the cache has
+  none and records `{cached, seconds, path}` under the phase's kind; `model` is a phase whose product
+  is a trained model (train, save beside `info.json`, reload from the entry).
+- `teacher_logits`: the fine-tuned backbone's logits on training examples, for the methods that distil.
+- `calib_result` / `calib_score`: an evaluation on `calib`, where checkpoints and knobs are chosen
+  (never on dev).
+- `meet_target`: the knob search that meets a speedup target (bisection, geometric bisection or a
+  scan), with the one sentence for a target out of reach.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+
+from tokenprune.errors import UserError
+from tokenprune.evaluate import EvalResult, run_eval, score
+
+if TYPE_CHECKING:
+    from tokenprune.cache import Cache
+    from tokenprune.methods.base import Job
+
+
+def load_model(path: Path, device: torch.device) -> nn.Module:
+    """A saved *ForSequenceClassification model, on `device`, in eval mode."""
+    return AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+
+
+class Phases:
+    """The cached phases of one job and what the record says of each: `record[kind]` is
+    `{cached, seconds, path}` (cached: the entry existed, or another job built it while this one
+    waited; seconds: the time to get it, build included)."""
+
+    def __init__(self, cache: Cache, device: torch.device):
+        self.cache, self.device = cache, device
+        self.record: dict[str, dict] = {}
+
+    def get(self, kind: str, key: dict, make: Callable[[Path], None]) -> Path:
+        """The entry's directory; `make(tmp)` fills a fresh directory when there is none yet."""
+        built = False
+
+        def build(tmp: Path) -> None:
+            nonlocal built
+            built = True
+            make(tmp)
+
+        start = time.perf_counter()
+        path = self.cache.get_or_make(kind, key, build)
+        self.record[kind] = {"cached": not built, "seconds": round(time.perf_counter() - start, 2), "path": str(path)}
+        return path
+
+    def model(self, kind: str, key: dict, train: Callable[[Path], tuple[nn.Module, dict]]) -> tuple[nn.Module, dict, Path]:
+        """A phase that trains a model. `train(tmp)` returns (the trained model, what to keep of its
+        training) and may save more files of its own into `tmp`; the model is saved there beside
+        `info.json` (with the training time) and reloaded from the entry, so a fresh build and a
+        cache hit give the same weights. Returns (model in eval mode, info, entry directory)."""
+
+        def make(tmp: Path) -> None:
+            start = time.perf_counter()
+            model, info = train(tmp)
+            model.save_pretrained(tmp)
+            info = {**info, "train_seconds": round(time.perf_counter() - start, 1)}
+            (tmp / "info.json").write_text(json.dumps(info, indent=1, default=str))
+
+        path = self.get(kind, key, make)
+        return load_model(path, self.device), json.loads((path / "info.json").read_text()), path
+
+
+# ---- evaluation on calib ---------------------------------------------------------------------------
+
+def calib_result(job: Job, model: nn.Module, policy=None) -> EvalResult:
+    """`model` with `policy` on calib, tokens physically removed."""
+    return run_eval(model, policy, job.loader("calib"), job.device, mode="gather", progress=False)
+
+
+def calib_score(job: Job, model: nn.Module, policy=None) -> float:
+    """The task's primary metric on calib: what checkpoints are chosen by."""
+    return float(score(job.cfg.task, calib_result(job, model, policy))[1])
+
+
+# ---- the teacher ------------------------------------------------------------------------------------
+
+def examples_id(dataset) -> str:
+    """A short fingerprint of which examples (by `idx`) a dataset holds."""
+    idx = np.asarray(dataset["idx"], dtype=np.int64)
+    return f"{len(idx)}:{hashlib.sha256(idx.tobytes()).hexdigest()[:16]}"
+
+
+def teacher_logits(job: Job, dataset=None) -> dict[int, torch.Tensor]:
+    """The fine-tuned backbone's logits (float32) on training examples, by `idx`: all of train, or
+    `dataset` (a subset of it). Cached on the backbone and the examples."""
+    dataset = job.splits["train"] if dataset is None else dataset
+    key = {"backbone": job.backbone_key, "split": "train", "examples": examples_id(dataset),
+           "batch_size": int(job.cfg.train.eval_batch_size)}
+
+    def make(tmp: Path) -> None:
+        result = run_eval(job.backbone, None, job.loader(dataset), job.device, mode="gather", progress=False)
+        np.savez_compressed(tmp / "teacher.npz", idx=result.idx, logits=result.logits)
+
+    path = job.phases.get("teacher-logits", key, make)
+    with np.load(path / "teacher.npz") as saved:
+        return dict(zip(saved["idx"].tolist(), torch.from_numpy(saved["logits"]).float()))
+
+
+# ---- the knob -----------------------------------------------------------------------------------------
+
+def meet_target(speedup_at: Callable[[float], float], target: float, *, gentle: float,
+                extreme: float | Iterable[float], method: str, extreme_means: str, steps: int = 60,
+                geometric: bool = False, scan: Iterable[float] | None = None) -> tuple[float, float]:
+    """(knob, speedup at it): the knob nearest `gentle` (the end that prunes least) whose speedup
+    (`speedup_at`, monotone from `gentle` to `extreme`) is at least `target`.
+
+    `extreme` is the end that prunes most, or a sequence of ever more extreme values tried in turn
+    (the first that meets the target bounds the search). Between the bounds: `steps` bisections
+    (geometric: at the geometric mean), or, with `scan`, the first value of `scan` that meets the
+    target. A target even the extreme cannot meet is one sentence (`extreme_means` says what the
+    extreme keeps)."""
+    achieved = speedup_at(gentle)
+    if achieved >= target:
+        return gentle, achieved
+    for hi in [extreme] if isinstance(extreme, (int, float)) else extreme:
+        best = speedup_at(hi)
+        if best >= target:
+            break
+    else:
+        raise UserError(
+            f"method={method} cannot reach speedup={target:g} on this task: {extreme_means} gives at most "
+            f"{best:.2f}x on calib, so lower the speedup target."
+        )
+    if scan is not None:
+        for knob in scan:
+            if (s := speedup_at(knob)) >= target:
+                return knob, s
+        return hi, best
+    if not math.isfinite(hi):  # nothing to bisect towards: the extreme itself
+        return hi, best
+    lo, s_hi = gentle, best  # speedup(lo) < target <= speedup(hi)
+    for _ in range(steps):
+        mid = math.sqrt(lo * hi) if geometric else (lo + hi) / 2
+        s = speedup_at(mid)
+        if s >= target:
+            hi, s_hi = mid, s
+        else:
+            lo = mid
+    return hi, s_hi
+
+
+__all__ = ["Phases", "load_model", "calib_result", "calib_score", "teacher_logits", "examples_id", "meet_target"]
