@@ -1,6 +1,6 @@
 """Analytic FLOPs from the tokens each layer really processed (a `Trace`, or an `EvalResult`).
 
-Canonical count (DESIGN.md, "Measurement rules"), per example: 2 × the multiply-adds of every matmul,
+Canonical count, the suite's one accounting for every method, per example: 2 × the multiply-adds of every matmul,
 over real tokens only. A layer with n tokens into its attention and n' into its FFN costs
 
     8·n·d² + 4·n²·d            Q, K, V and output projections; QKᵀ and AV
@@ -103,7 +103,7 @@ def _trbert_macs(attn: np.ndarray, ffn: np.ndarray, dm: Dims) -> np.ndarray:
     return per_layer.sum(axis=-1) + dm.d * dm.num_labels
 
 
-# AdapLeR's fitted constants (TF-profiler FLOPs of BERT-base; reference §3.4)
+# AdapLeR's fitted constants: its published code's TF-profiler FLOPs of BERT-base as a quadratic in length
 _ADAPLER_N2, _ADAPLER_N = 3156.0, 14233554.0  # per layer, its predictor included
 _ADAPLER_EMB = 6152.0
 _BERT_N2, _BERT_N, _BERT_CONST = 37872.0, 170216500.0, 1183490.0 - 1537.0

@@ -1,4 +1,4 @@
-"""Wall clock of a method against the full backbone, in the same process (DESIGN.md, "Measurement rules").
+"""Wall clock of a method against the full backbone, in the same process.
 
 Both run through the PrunableEncoder in `gather` mode (physical removal: a masked run is never timed),
 alternated example by example and pass by pass so that drift in the machine's speed hits both, after

@@ -1,5 +1,5 @@
-"""method=adapler: AdapLeR (Modarressi, Mohebbi & Pilehvar, ACL 2022), written from the reference
-notes (methods.md §3), not from the published code.
+"""method=adapler: AdapLeR (Modarressi, Mohebbi & Pilehvar, ACL 2022), written from the paper and
+its description of the published recipe, not from the published code (§ numbers are the paper's).
 
 Inference: before every layer ℓ (layer 0 included) a contribution predictor (CP_ℓ, an MLP d→32→1)
 scores the live tokens; softmax over them gives each one's predicted share p_ℓ(t). A token other

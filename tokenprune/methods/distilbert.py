@@ -1,5 +1,5 @@
 """method=distilbert: a static baseline. A shallower student of the same width, distilled from the
-fine-tuned backbone on the task (reference §7, task-level use). No token is ever dropped: the whole
+fine-tuned backbone on the task (Sanh et al., 2019, used task-specifically). No token is ever dropped: the whole
 speedup comes from the layer count, so the FLOPs speedup is L/k at every length (the runner counts
 the student's FLOPs with its own config and the baseline with the backbone's).
 

@@ -208,7 +208,7 @@ class PowerBert(Method):
 
     # -- hyper-parameters
     def hparams(self) -> tuple[float, float]:
-        """(λ, LR_SOFT_EXTRACT): the config's, or the paper's value for this task (§4.2), or the fallback."""
+        """(λ, LR_SOFT_EXTRACT): the config's, or the paper's value for this task (its hyper-parameter table), or the fallback."""
         m, task = self.cfg.method, self.cfg.task.name
         paper = (m.get("paper") or {}).get(task) or m.fallback
         lam = m.get("lambda")

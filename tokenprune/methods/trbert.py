@@ -55,6 +55,7 @@ import json
 import logging
 import math
 from contextlib import nullcontext
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -325,24 +326,23 @@ class TrBert(Method):
             raise UserError(f"method.alpha={self.alpha()} is negative: give a length-penalty weight >= 0.")
 
     # ---- data -------------------------------------------------------------------------------------
-    def _train_split(self):
+    @cached_property
+    def train_examples(self):
         """The examples phases B–E use: a seeded sample of train, capped by the budget."""
-        if not hasattr(self, "_train"):
-            ds = self.job.splits["train"]
-            cap = self._cap("rl_max_examples")
-            if cap and len(ds) > cap:
-                rows = np.random.default_rng(self.cfg.seed + 17).permutation(len(ds))[:cap]
-                ds = ds.select(sorted(rows.tolist()))
-            self._train = ds
-        return self._train
+        ds = self.job.splits["train"]
+        cap = self._cap("rl_max_examples")
+        if cap and len(ds) > cap:
+            rows = np.random.default_rng(self.cfg.seed + 17).permutation(len(ds))[:cap]
+            ds = ds.select(sorted(rows.tolist()))
+        return ds
 
     def _loader(self, train: bool, batch_size: int):
         # training batches of similar length (formed from the sorted order, then shuffled): mask
         # mode computes padding too, so this keeps the K-fold rollouts cheap
-        return self.job.loader(self._train_split(), train=train, batch_size=batch_size, grouped=True)
+        return self.job.loader(self.train_examples, train=train, batch_size=batch_size, grouped=True)
 
     def _key(self, **phase) -> dict:
-        n = len(self._train_split())
+        n = len(self.train_examples)
         return {"backbone": self.job.backbone_key, "code": CODE, "train_examples": n, **phase}
 
     def _new_policy(self) -> TrBertPolicy:
@@ -368,7 +368,7 @@ class TrBert(Method):
         ref, sources = score_layers(layers)
         job.info.update(selection_points=selection_points(layers), reference_layer=ref, source_layers=sources,
                         rollouts=self.rollouts, epochs=self.epochs, alpha_rl=self.alpha(),
-                        alpha_joint=self.alpha_joint(target), train_examples=len(self._train_split()))
+                        alpha_joint=self.alpha_joint(target), train_examples=len(self.train_examples))
 
         # B: residual-strategy scores
         key_b = self._key(phase="scores", ref=ref, sources=sources)
@@ -424,7 +424,7 @@ class TrBert(Method):
             return
 
         # D: the backbone's logits on the training examples (the shared teacher-logits phase)
-        teacher = teacher_logits(job, self._train_split())
+        teacher = teacher_logits(job, self.train_examples)
 
         # E: joint training with the target's α
         key_e = {**key_c, "phase": "joint", "rl": key_c, "alpha_joint": self.alpha_joint(target),
