@@ -86,3 +86,21 @@ def test_timing_off_leaves_timing_fields_null(tmp_path):
     record = run_job(job_config(tmp_path, "task=wnli"), tmp_path / "job")
     assert record["status"] == "ok"
     assert record["latency_ms_b1"] is None and record["wallclock_speedup_b1"] is None and record["timing"] is None
+
+
+def test_per_example_outputs_are_kept_beside_the_record_and_follow_it_on_resume(tmp_path):
+    from tokenprune.data import compute_metrics
+
+    cfg = job_config(tmp_path, "task=mrpc", "method=topk", "speedup=2")
+    record = run_job(cfg, tmp_path / "a")
+    assert record["status"] == "ok" and record["examples"] == "examples.npz"
+    examples = results.read_examples(tmp_path / "a" / "result.json")
+    assert len(examples) == record["n_eval"] and examples["idx"].is_unique
+    # the record's metrics are recomputed exactly from the kept outputs
+    assert compute_metrics("f1_accuracy", examples["prediction"].to_numpy(), examples["label"].to_numpy()) == record["metrics"]
+    baseline = compute_metrics("f1_accuracy", examples["baseline_prediction"].to_numpy(), examples["label"].to_numpy())
+    assert baseline["f1"] == record["baseline_metric"]
+
+    resumed = run_job(cfg, tmp_path / "b")  # the same job in a new directory: from the record index
+    assert resumed["output_dir"] == str(tmp_path / "b")
+    assert results.read_examples(tmp_path / "b").equals(examples)

@@ -15,11 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 
 log = logging.getLogger(__name__)
 
 RECORD_NAME = "result.json"
+EXAMPLES_NAME = "examples.npz"  # per-example outputs beside an ok record (`write_examples`)
 STATUSES = ("ok", "failed", "skipped")
 
 # Every record has these keys; fields a job could not fill are null, never made up.
@@ -28,7 +30,7 @@ FIELDS = (
     "metric_name", "metric", "metrics", "baseline_metric", "metric_drop",
     "flops_mode", "flops_per_example", "baseline_flops_per_example", "flops_speedup", "flops_speedups",
     "latency_ms_b1", "baseline_latency_ms_b1", "wallclock_speedup_b1", "throughput_speedup", "timing",
-    "tokens_per_layer", "baseline_tokens_per_layer", "n_eval", "method_info", "phase_times",
+    "tokens_per_layer", "baseline_tokens_per_layer", "n_eval", "examples", "method_info", "phase_times",
     "config", "git_commit", "versions", "hardware", "started_at", "duration_s", "output_dir",
 )
 
@@ -73,6 +75,42 @@ def write(record: dict, directory: str | os.PathLike, keep_ok: bool = False) -> 
         Path(tmp).unlink(missing_ok=True)
         raise
     return final
+
+
+def write_examples(examples: dict[str, np.ndarray], directory: str | os.PathLike) -> str:
+    """Per-example outputs of a job (`idx`, `label`, `prediction`, `baseline_prediction`: one entry
+    per dev example, in one order) as `directory/examples.npz`, atomically; returns the file name
+    the record keeps. Any two records on the same examples can then be compared paired, and their
+    metrics recomputed."""
+    lengths = {k: len(v) for k, v in examples.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"per-example outputs of unequal lengths: {lengths}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".examples.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **{k: np.asarray(v) for k, v in examples.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / EXAMPLES_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return EXAMPLES_NAME
+
+
+def read_examples(record_path: str | os.PathLike, record: dict | None = None) -> pd.DataFrame:
+    """The per-example outputs beside a record (`result.json` or its directory), one row per dev
+    example: idx, label, prediction, baseline_prediction."""
+    path = Path(record_path)
+    directory = path if path.is_dir() else path.parent
+    record = read(directory / RECORD_NAME) if record is None else record
+    name = record.get("examples")
+    if not name:
+        raise FileNotFoundError(f"{directory}: this record keeps no per-example outputs (it predates them, or did not end ok).")
+    with np.load(directory / name) as saved:
+        return pd.DataFrame({k: saved[k] for k in saved.files})
 
 
 def _jsonable(value):

@@ -8,6 +8,7 @@ directory) or in the cache's record index (the same command run again into a new
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -38,16 +39,28 @@ def finished_record(cfg: DictConfig, output_dir: Path) -> dict | None:
         if record.get("status") == "ok" and job_key(record.get("config") or {}) == key["job"]:
             if path != candidates[0]:
                 record = {**record, "output_dir": str(output_dir)}
+                _copy_examples(record, path.parent, output_dir)
                 results.write(record, output_dir)
             log.info(f"resume: {cfg.task.name}/{cfg.method.name} at {cfg.speedup}x is already done ({path}); not recomputed")
             return record
     return None
 
 
+def _copy_examples(record: dict, source: Path, target: Path) -> None:
+    if record.get("examples"):
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / record["examples"], target / record["examples"])
+
+
 def remember(cfg: DictConfig, record: dict) -> None:
-    """Index an ok record by its job key, for `finished_record`."""
+    """Index an ok record (and its per-example outputs) by its job key, for `finished_record`."""
     key = {"job": job_key(record["config"]), "git_commit": record["git_commit"]}
+
+    def make(tmp: Path) -> None:
+        _copy_examples(record, Path(record["output_dir"]), tmp)
+        results.write(record, tmp)
+
     try:
-        Cache(cfg.cache_dir).get_or_make("records", key, lambda tmp: results.write(record, tmp))
+        Cache(cfg.cache_dir).get_or_make("records", key, make)
     except OSError as e:  # the record itself is written; only the index entry is missing
         log.warning(f"could not index the record for resume: {e}")

@@ -17,6 +17,7 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -68,7 +69,8 @@ def run_job(cfg: DictConfig, output_dir: str | Path, parallel_jobs: int | None =
             cfg.logger, record["config"], name=output_dir.name, group=output_dir.parent.name,
             tags=[cfg.task.name, cfg.method.name, cfg.model.name],
         )
-        record.update(run_pipeline(cfg, tracker))
+        fields, examples = run_pipeline(cfg, tracker)
+        record.update(fields, examples=results.write_examples(examples, output_dir))
         record["status"] = "ok"
     except SkipJob as e:
         record.update(status="skipped", error=str(e))
@@ -106,7 +108,8 @@ def load_data(cfg: DictConfig):
     return tokenizer, {name: task_data.encode(ds, tokenizer, cfg.task.max_length) for name, ds in raw.items()}
 
 
-def run_pipeline(cfg: DictConfig, tracker) -> dict:
+def run_pipeline(cfg: DictConfig, tracker) -> tuple[dict, dict]:
+    """(the record's fields, the per-example outputs on dev)."""
     times: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -149,6 +152,10 @@ def run_pipeline(cfg: DictConfig, tracker) -> dict:
         with timed(times, "timing"):
             timing_fields = timing.measure(model, policy, backbone, splits["dev"], cfg.measure, device, seed=cfg.seed)
 
+    if not np.array_equal(result.idx, baseline.idx):  # paired comparisons need one order
+        raise RuntimeError("the method and the full model were evaluated on dev in different orders")
+    examples = {"idx": result.idx, "label": result.labels, "prediction": result.predictions,
+                "baseline_prediction": baseline.predictions}
     return {
         "metric_name": metric_name, "metric": metric, "metrics": metrics, "baseline_metric": baseline_metric,
         "metric_drop": baseline_metric - metric,
@@ -162,4 +169,4 @@ def run_pipeline(cfg: DictConfig, tracker) -> dict:
         "method_info": {"knob": knob, "phases": phases.record, "finetune": finetune_info,
                         "determinism": DETERMINISM, **job.info},
         "phase_times": times,
-    }
+    }, examples
