@@ -1,0 +1,110 @@
+"""Intervals from per-example outputs: the resampled metric is the task's own, differences are paired
+on matched examples, and seeds enter the interval."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, matthews_corrcoef
+
+from analysis import pareto
+from analysis.uncertainty import cell_intervals, paired_differences, resampled_metric, speedup_within_drop
+from tokenprune import results
+from tokenprune.data.metrics import compute_metrics
+
+
+def test_resampled_metrics_are_the_task_metrics_on_each_resample():
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 2, 300)
+    prediction = np.where(rng.random(300) < 0.8, label, 1 - label)
+    draws = rng.integers(0, 300, size=(25, 300))
+    for kind, name in (("accuracy", "accuracy"), ("f1_accuracy", "f1"), ("matthews", "matthews")):
+        expected = [compute_metrics(kind, prediction[d], label[d])[name] for d in draws]
+        assert resampled_metric(kind, prediction, label, draws) == pytest.approx(expected, abs=1e-9)
+    gold3 = rng.integers(0, 3, 300)  # multiclass Matthews
+    pred3 = np.where(rng.random(300) < 0.6, gold3, rng.integers(0, 3, 300))
+    expected = [100 * matthews_corrcoef(gold3[d], pred3[d]) for d in draws[:5]]
+    assert resampled_metric("matthews", pred3, gold3, draws[:5]) == pytest.approx(expected, abs=1e-9)
+
+
+def test_f1_and_matthews_recomputed_by_hand_on_one_resample():
+    label = np.array([1, 0, 1, 1, 0, 0, 1, 0])
+    prediction = np.array([1, 0, 0, 1, 1, 0, 1, 1])
+    draw = np.array([[0, 0, 2, 3, 4, 5, 5, 7]])  # with repeats, as a bootstrap draws
+    y, p = label[draw[0]], prediction[draw[0]]
+    tp, fp, fn, tn = (int(((p == a) & (y == b)).sum()) for a, b in ((1, 1), (1, 0), (0, 1), (0, 0)))
+    f1 = 2 * tp / (2 * tp + fp + fn)
+    mcc = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert resampled_metric("f1_accuracy", prediction, label, draw)[0] == pytest.approx(100 * f1)
+    assert resampled_metric("matthews", prediction, label, draw)[0] == pytest.approx(100 * mcc)
+    assert 100 * f1 == pytest.approx(100 * f1_score(y, p)) and 100 * mcc == pytest.approx(100 * matthews_corrcoef(y, p))
+
+
+def write_record(root, name, method, seed, target, prediction, baseline_prediction, label, idx, kind="accuracy"):
+    directory = root / name
+    examples = {"idx": idx, "label": label, "prediction": prediction, "baseline_prediction": baseline_prediction}
+    metric = compute_metrics(kind, prediction, label)["accuracy"]
+    baseline = compute_metrics(kind, baseline_prediction, label)["accuracy"]
+    record = results.new_record(
+        task="sst2", method=method, model="tiny", budget="smoke", seed=seed, speedup_target=target, status="ok",
+        metric_name="accuracy", metric=metric, baseline_metric=baseline, flops_speedup=target, flops_mode="canonical",
+        config={"task": {"metric": kind}}, started_at="2026-01-01T00:00:00", n_eval=len(idx),
+        examples=results.write_examples(examples, directory))
+    results.write(record, directory)
+
+
+@pytest.fixture
+def two_methods(tmp_path):
+    """Method a is right on 85% of 400 examples, b on the same ones but 20 more wrong; the full model 90%."""
+    rng = np.random.default_rng(1)
+    for seed in (1, 2, 3):
+        label = rng.integers(0, 2, 400)
+        idx = rng.permutation(1000)[:400]
+        right_a = rng.random(400) < 0.85
+        right_b = right_a.copy()
+        right_b[np.flatnonzero(right_a)[:20]] = False
+        full = np.where(rng.random(400) < 0.9, label, 1 - label)
+        for method, right in (("a", right_a), ("b", right_b)):
+            prediction = np.where(right, label, 1 - label)
+            write_record(tmp_path, f"{method}{seed}", method, seed, 2.0, prediction, full, label, idx)
+    return tmp_path
+
+
+def test_the_paired_difference_is_on_matched_examples_and_shuffling_one_side_widens_it(two_methods, tmp_path):
+    ok = pareto.usable(two_methods).ok
+    diff = paired_differences(ok, n_resamples=400).set_index(["a", "b"]).loc[("a", "b")]
+    assert diff["diff"] == pytest.approx(5.0)  # 20 of 400 examples
+    assert diff["lo"] > 0 and diff["beyond"] and diff["n_seeds"] == 3
+    paired_width = diff["hi"] - diff["lo"]
+
+    # b's outputs (prediction with its label) reassigned to other examples' ids: b's own metric is
+    # unchanged, the pairing with a is lost, and the interval widens
+    rng = np.random.default_rng(2)
+    for seed in (1, 2, 3):
+        path = two_methods / f"b{seed}"
+        examples = results.read_examples(path)
+        shuffled = {k: examples[k].to_numpy() for k in examples}
+        shuffled["idx"] = shuffled["idx"][rng.permutation(len(examples))]
+        results.write_examples(shuffled, path)
+    ok = pareto.usable(two_methods).ok
+    unpaired = paired_differences(ok, n_resamples=400).set_index(["a", "b"]).loc[("a", "b")]
+    assert unpaired["diff"] == pytest.approx(5.0)  # the same totals
+    assert unpaired["hi"] - unpaired["lo"] > 2 * paired_width
+
+
+def test_cell_intervals_cover_the_mean_and_count_seeds(two_methods):
+    ok = pareto.usable(two_methods).ok
+    cells = cell_intervals(ok, n_resamples=300).set_index("method")
+    for method in ("a", "b"):
+        cell = cells.loc[method]
+        assert cell["lo"] < cell["metric_mean"] < cell["hi"] and cell["n_seeds"] == 3
+        assert 1 < cell["half_width"] < 6  # ~1.8 points of one accuracy on 400, less over 3 seeds, plus seed spread
+    one_seed = cell_intervals(ok[ok.seed == 1], n_resamples=300).set_index("method")
+    assert one_seed.loc["a", "n_seeds"] == 1
+
+
+def test_speedup_within_a_drop_has_a_lower_bound(two_methods):
+    ok = pareto.usable(two_methods).ok
+    out = speedup_within_drop(ok, max_drop=10.0, n_resamples=200).set_index("method")
+    assert out.loc["a", "speedup"] == pytest.approx(2.0)
+    assert 1.0 <= out.loc["a", "lower_bound"] <= out.loc["a", "speedup"]
