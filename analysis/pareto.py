@@ -11,7 +11,8 @@ Records (`result.json`, read with `tokenprune.results.load`) are the only input.
 - **Drop**: `reference − metric` per record, in metric points (metrics are 0–100). The reference
   is the full model (method `bert`) on the same dev examples with the same seed: the record's own
   `baseline_metric` (measured in the same job), else the metric of the `bert` record of the same
-  task, setting and seed.
+  task, setting and seed; for a method that re-trains the backbone, its equal-training control
+  (`control_metric`: the full model trained as many more steps) where that is stronger.
 - **Point**: one operating point, i.e. the records of one (task, setting, method, speedup_target),
   averaged over seeds: `<col>_mean`, `<col>_std` (sample std, ddof=1; NaN for one seed) and `n`.
   The point's speedup (`speedup`, `speedup_std`) is the mean over the same seeds.
@@ -153,13 +154,18 @@ def usable(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Selection:
 def add_drop(ok: pd.DataFrame) -> pd.DataFrame:
     """Adds `reference_metric`, `reference_source` and `drop` (= reference - metric, in points):
     the full model on the same dev examples and seed (the job's own baseline, else the `bert` record
-    of the same task, setting and seed)."""
+    of the same task, setting and seed), or the job's equal-training control where that is stronger."""
     ok = ok.copy()
     full = ok[ok["method"] == FULL_MODEL].groupby(["task", "setting", "seed"])["metric"].mean().rename("_full")
     ok = ok.join(full, on=["task", "setting", "seed"])
     own = ok["baseline_metric"].notna()
     ok["reference_metric"] = ok["baseline_metric"].where(own, ok["_full"])
     ok["reference_source"] = np.where(own, "same job", np.where(ok["_full"].notna(), "bert record", "none"))
+    if "control_metric" in ok:  # a method that re-trains the backbone: the stronger of the two references
+        control = pd.to_numeric(ok["control_metric"], errors="coerce")
+        stronger = control.notna() & (control > ok["reference_metric"])
+        ok["reference_metric"] = ok["reference_metric"].where(~stronger, control)
+        ok["reference_source"] = np.where(stronger, "equal-training control", ok["reference_source"])
     ok["drop"] = ok["reference_metric"] - ok["metric"]
     return ok.drop(columns="_full")
 

@@ -77,7 +77,7 @@ class Outputs:
 
     label: np.ndarray
     prediction: np.ndarray
-    baseline_prediction: np.ndarray
+    reference_prediction: np.ndarray  # the stronger reference the record measured its drop against
 
 
 class Resamples:
@@ -101,11 +101,12 @@ class Resamples:
                 raise ValueError(f"{row.path}: its dev examples differ from other records of seed {s} "
                                  "(another budget or data?): records to compare must share their examples.")
             examples = examples.loc[self.order[s]]
-            self.outputs[row.path] = Outputs(*(examples[k].to_numpy() for k in ("label", "prediction", "baseline_prediction")))
+            reference = "control_prediction" if getattr(row, "reference", None) == "equal-training control" else "baseline_prediction"
+            self.outputs[row.path] = Outputs(*(examples[k].to_numpy() for k in ("label", "prediction", reference)))
         self._metric: dict[tuple[str, str], np.ndarray] = {}
 
     def metric(self, path: str, seed: int, which: str = "prediction") -> np.ndarray:
-        """R values of the record's metric (or, with which="baseline_prediction", its full model's)."""
+        """R values of the record's metric (or, with which="reference_prediction", its reference's)."""
         key = (path, which)
         if key not in self._metric:
             outputs = self.outputs[path]
@@ -162,7 +163,7 @@ def cell_intervals(ok: pd.DataFrame, n_resamples: int = N_RESAMPLES, confidence:
             rows.append({**dict(zip(GROUP, group.iloc[0][GROUP])), "method": cell[0], "speedup_target": cell[1],
                          "metric_name": group.iloc[0]["metric_name"], "metric_mean": float(group["metric"].mean()),
                          "lo": lo, "hi": hi, "half_width": (hi - lo) / 2, "n_seeds": len(group),
-                         "reference_mean": float(group["baseline_metric"].mean()),
+                         "reference_mean": float(group["reference_metric"].mean()),
                          "speedup": float(group["flops_speedup"].mean())})
     return pd.DataFrame(rows)
 
@@ -197,7 +198,8 @@ def paired_differences(ok: pd.DataFrame, n_resamples: int = N_RESAMPLES, confide
 def speedup_within_drop(ok: pd.DataFrame, max_drop: float = 1.0, n_resamples: int = N_RESAMPLES,
                         confidence: float = CONFIDENCE, seed: int = 0, full_model: str = "bert") -> pd.DataFrame:
     """Per (task, setting, method): the largest speedup on the method's frontier whose mean drop
-    (own full model − method, same examples) is within `max_drop` points (`speedup`, with the kind
+    (the record's reference − method, same examples: its full model, or its equal-training control
+    where that is stronger) is within `max_drop` points (`speedup`, with the kind
     pareto.speedup_at_drop gives it), and `lower_bound`: the lower percentile of that speedup over
     the resamples (a resample where no point is within the drop counts as 1×)."""
     rows = []
@@ -206,11 +208,10 @@ def speedup_within_drop(ok: pd.DataFrame, max_drop: float = 1.0, n_resamples: in
         for method, group in records[records["method"] != full_model].groupby("method", sort=True):
             point_rows, drop_draws = [], []
             for target, g in group.groupby("speedup_target", sort=True):
-                drops = {int(r.seed): rs.metric(r.path, int(r.seed), "baseline_prediction") - rs.metric(r.path, int(r.seed))
+                drops = {int(r.seed): rs.metric(r.path, int(r.seed), "reference_prediction") - rs.metric(r.path, int(r.seed))
                          for r in g.itertuples()}
                 drop_draws.append(rs.mean_over_seeds(drops))
-                point_rows.append({"speedup": float(g["flops_speedup"].mean()),
-                                   "drop_mean": float((g["baseline_metric"] - g["metric"]).mean())})
+                point_rows.append({"speedup": float(g["flops_speedup"].mean()), "drop_mean": float(g["drop"].mean())})
             pts = pd.DataFrame(point_rows)
             at = speedup_at_drop(pts, max_drop)
             draws = np.stack(drop_draws, axis=1)  # R×points

@@ -6,6 +6,8 @@ methods and targets fine-tunes each task once. The checkpoint is chosen on calib
 
 from __future__ import annotations
 
+import copy
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +32,7 @@ def backbone_key(cfg: DictConfig) -> dict:
             **{k: task[k] for k in ("group_by_length", "calib_whole_inputs") if task.get(k)},
         },
         "data_source": cfg.data.source,
-        "budget": {k: cfg.budget[k] for k in ("max_train", "max_calib", "epochs")},
+        "budget": {k: cfg.budget[k] for k in ("max_train", "max_calib", "finetune_epochs")},
         "seed": cfg.seed,
         "train": OmegaConf.to_container(cfg.train, resolve=True),
     }
@@ -50,9 +52,33 @@ def finetuned_backbone(cfg: DictConfig, loader: Callable[..., Any], phases: Phas
         def evaluate(m):  # checkpoint choice on calib, never on dev
             return score(cfg.task, run_eval(m, None, calib, device))[1]
 
-        info = fit(model, loader("train", train=True), train_cfg=cfg.train, epochs=cfg.budget.epochs,
-                   device=device, evaluate=evaluate, log_fn=log, desc="finetune")
+        info = fit(model, loader("train", train=True), train_cfg=cfg.train, epochs=int(cfg.budget.finetune_epochs),
+                   device=device, evaluate=evaluate, log_fn=log, desc="finetune", patience=int(cfg.train.patience))
         return model, info
 
     model, info, _ = phases.model("finetune", key, train)
     return model, info, key
+
+
+def equal_training_control(cfg: DictConfig, loader: Callable[..., Any], phases: Phases, device: torch.device,
+                           log: Callable[..., None], backbone: torch.nn.Module, key: dict,
+                           steps: int) -> tuple[torch.nn.Module, dict]:
+    """The full model trained `steps` more steps from the fine-tuned one, with the same recipe (a
+    fresh warm-up and decay, the best calib epoch kept): the reference for a method that re-trains
+    the backbone for `steps` steps, so that what its extra training alone is worth is not counted
+    as the method's. Cached on the backbone and the steps (methods with the same count share it)."""
+
+    def train(tmp: Path):
+        model = copy.deepcopy(backbone)
+        torch.manual_seed(cfg.seed)
+        calib, batches = loader("calib"), loader("train", train=True)
+
+        def evaluate(m):  # checkpoint choice on calib, never on dev
+            return score(cfg.task, run_eval(m, None, calib, device))[1]
+
+        info = fit(model, batches, train_cfg=cfg.train, epochs=math.ceil(steps / len(batches)), device=device,
+                   evaluate=evaluate, log_fn=log, desc="control", max_steps=steps)
+        return model, info
+
+    model, info, _ = phases.model("control", {"backbone": key, "steps": int(steps)}, train)
+    return model, info

@@ -27,7 +27,7 @@ STATUSES = ("ok", "failed", "skipped")
 # Every record has these keys; fields a job could not fill are null, never made up.
 FIELDS = (
     "task", "method", "model", "seed", "speedup_target", "budget", "status", "error", "traceback",
-    "metric_name", "metric", "metrics", "baseline_metric", "metric_drop",
+    "metric_name", "metric", "metrics", "baseline_metric", "control_metric", "reference", "metric_drop",
     "flops_mode", "flops_per_example", "baseline_flops_per_example", "flops_speedup", "flops_speedups",
     "latency_ms_b1", "baseline_latency_ms_b1", "wallclock_speedup_b1", "throughput_speedup", "timing",
     "tokens_per_layer", "baseline_tokens_per_layer", "n_eval", "examples", "method_info", "phase_times",

@@ -27,7 +27,7 @@ from tokenprune.cache import Cache
 from tokenprune.checks import check_config
 from tokenprune.errors import SkipJob, UserError
 from tokenprune.evaluate import run_eval, score
-from tokenprune.finetune import finetuned_backbone
+from tokenprune.finetune import equal_training_control, finetuned_backbone
 from tokenprune.methods.base import split_loader
 from tokenprune.methods.toolbox import Phases
 from tokenprune.models import load_tokenizer, resolve_device
@@ -140,6 +140,19 @@ def run_pipeline(cfg: DictConfig, tracker) -> tuple[dict, dict]:
         baseline = result if (policy is None and model is backbone) else run_eval(backbone, None, dev_loader, device)
     metric_name, metric, metrics = score(cfg.task, result)
     baseline_metric = score(cfg.task, baseline)[1]
+    control, control_info = None, None
+    if method.retrained_steps and cfg.measure.control:
+        with timed(times, "control"):
+            control_model, control_info = equal_training_control(cfg, loader, phases, device, tracker.log, backbone, key,
+                                                                 method.retrained_steps)
+            control = run_eval(control_model, None, dev_loader, device)
+        if not np.array_equal(result.idx, control.idx):
+            raise RuntimeError("the method and its control were evaluated on dev in different orders")
+    control_metric = None if control is None else score(cfg.task, control)[1]
+    # drop against the stronger reference: a method that trains the backbone longer is not credited
+    # with what the extra training alone gives the full model
+    use_control = control_metric is not None and control_metric > baseline_metric
+    reference_metric = control_metric if use_control else baseline_metric
     for extra in [s for s in splits if s.startswith("dev_")]:  # e.g. MNLI mismatched
         extra_result = run_eval(model, policy, job.loader(extra), device)
         metrics.update({f"{extra}/{k}": v for k, v in score(cfg.task, extra_result)[2].items()})
@@ -156,9 +169,12 @@ def run_pipeline(cfg: DictConfig, tracker) -> tuple[dict, dict]:
         raise RuntimeError("the method and the full model were evaluated on dev in different orders")
     examples = {"idx": result.idx, "label": result.labels, "prediction": result.predictions,
                 "baseline_prediction": baseline.predictions}
+    if control is not None:
+        examples["control_prediction"] = control.predictions
     return {
         "metric_name": metric_name, "metric": metric, "metrics": metrics, "baseline_metric": baseline_metric,
-        "metric_drop": baseline_metric - metric,
+        "control_metric": control_metric, "reference": "equal-training control" if use_control else "full model",
+        "metric_drop": reference_metric - metric,
         **counts,
         "latency_ms_b1": timing_fields.get("latency_ms_b1"),
         "baseline_latency_ms_b1": timing_fields.get("baseline_latency_ms_b1"),
@@ -167,6 +183,10 @@ def run_pipeline(cfg: DictConfig, tracker) -> tuple[dict, dict]:
         "timing": timing_fields or None,
         "n_eval": len(result.labels),
         "method_info": {"knob": knob, "phases": phases.record, "finetune": finetune_info,
+                        "retrained_steps": method.retrained_steps,
+                        "control": control_info and {"steps": method.retrained_steps,
+                                                     "best_calib_score": control_info["best_score"],
+                                                     "best_epoch": control_info["best_epoch"]},
                         "determinism": DETERMINISM, **job.info},
         "phase_times": times,
     }, examples

@@ -65,14 +65,22 @@ def fit(
     after_step: Callable[[int], None] | None = None,
     log_fn: Callable[..., None] = lambda metrics, step=None: None,
     desc: str = "train",
+    patience: int | None = None,
+    max_steps: int | None = None,
 ) -> dict:
     """Train `model` in place; at the end it holds the best epoch's weights (by `evaluate`, higher is
-    better; the last epoch's when there is no evaluation). Returns the per-epoch history."""
+    better; the last epoch's when there is no evaluation). Returns the per-epoch history.
+
+    patience: stop once this many epochs in a row did not beat the best score (early stopping; the
+    schedule still decays over `epochs`). max_steps: stop after this many steps, the schedule
+    decaying over them (an epoch cut short is evaluated like a whole one)."""
     model.to(device)
     groups = param_groups or default_param_groups(model, train_cfg.lr, train_cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=train_cfg.lr, eps=1e-8)
     total = max(1, epochs * len(train_loader))
+    if max_steps is not None:
+        total = max(1, min(total, int(max_steps)))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(train_cfg.warmup_ratio * total), total)
 
     best_score, best_state, best_epoch, history, step = -math.inf, None, -1, [], 0
@@ -80,6 +88,8 @@ def fit(
         model.train()
         bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, mininterval=2)
         for batch in bar:
+            if step >= total:
+                break
             loss = step_fn(model, to_device(batch, device))
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -107,7 +117,12 @@ def fit(
         if score > best_score:
             best_score, best_epoch = score, epoch + 1
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        stalled = patience is not None and evaluate is not None and epoch + 1 - best_epoch >= patience
+        if (step >= total or stalled) and epoch + 1 < epochs:
+            why = "its step budget is spent" if step >= total else f"no better score for {patience} epochs"
+            log.info(f"{desc}: stopped after epoch {epoch + 1} of {epochs}: {why}")
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    return {"best_score": best_score, "best_epoch": best_epoch, "history": history}
+    return {"best_score": best_score, "best_epoch": best_epoch, "history": history, "steps": step}

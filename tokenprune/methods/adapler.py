@@ -253,7 +253,7 @@ class AdapLeR(Method):
         k = self.cfg.method.saliency_checkpoints
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise UserError(f"method.saliency_checkpoints={k!r} is not valid: give a whole number >= 1 (the paper uses 3).")
-        return min(k, int(self.cfg.budget.epochs))
+        return min(k, int(self.cfg.budget.finetune_epochs))
 
     # -- phase B ------------------------------------------------------------------------------
     def _checkpoints(self) -> list[nn.Module]:
@@ -275,8 +275,9 @@ class AdapLeR(Method):
             snapshots.append((s, copy.deepcopy({n: v.detach().cpu() for n, v in m.state_dict().items()})))
             return s
 
-        fit(model, job.loader("train", train=True), train_cfg=cfg.train, epochs=cfg.budget.epochs,
-            device=job.device, evaluate=evaluate, log_fn=job.log, desc="adapler/refinetune")
+        fit(model, job.loader("train", train=True), train_cfg=cfg.train, epochs=int(cfg.budget.finetune_epochs),
+            device=job.device, evaluate=evaluate, log_fn=job.log, desc="adapler/refinetune",
+            patience=int(cfg.train.patience))
         best = sorted(range(len(snapshots)), key=lambda i: -snapshots[i][0])[:k]
         models = []
         for i in best:
@@ -402,6 +403,8 @@ class AdapLeR(Method):
         """Phases B and C; neither depends on the target (calibration meets it)."""
         self._saliency = self.saliency()
         self._model, info, path = self.job.phases.model("adapler-train", self._train_key(), self._train)
+        # phase C trains the backbone every step of every epoch
+        self.retrained_steps = int(self.cfg.budget.epochs) * len(self.job.loader("train", train=True))
         self._policy = make_policy(self._model.config, self.cfg.method).to(self.job.device)
         self._policy.load_state_dict(torch.load(path / "policy.pt"))
         self._policy.eval()

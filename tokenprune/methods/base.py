@@ -68,6 +68,9 @@ class Method:
     """Base class and the full model, unpruned. Subclasses override the hooks below."""
 
     name = "bert"
+    # optimiser steps the method's phases trained the backbone's weights beyond fine-tuning: the runner
+    # trains the full model as long (the equal-training control) when it is not 0
+    retrained_steps: int = 0
 
     def __init__(self, job: Job):
         self.job = job

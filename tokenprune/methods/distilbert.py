@@ -362,6 +362,7 @@ class DistilBert(Method):
             return student, {**info, **plan}
 
         self.student, info, _ = job.phases.model("distilbert", key, train)
+        self.retrained_steps = info["history"][-1]["steps"]  # the student's weights are the backbone's, trained on
         job.info["distilbert"] = {**plan, "loss": loss, "lr": lr, "best_calib_score": info.get("best_score"),
                                   "best_epoch": info.get("best_epoch"), "train_seconds": info.get("train_seconds")}
 

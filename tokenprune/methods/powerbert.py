@@ -265,6 +265,7 @@ class PowerBert(Method):
             }
 
         model, learned, _ = job.phases.model("powerbert-search", self.search_key(), train)
+        self.retrained_steps += learned["history"][-1]["steps"]
         log.info(f"powerbert search: learned keep fractions {['%.3f' % f for f in learned['fractions']]}")
         return model, learned
 
@@ -324,6 +325,7 @@ class PowerBert(Method):
             return model, info
 
         model, info, _ = job.phases.model(self.retrain_kind, key, train)
+        self.retrained_steps += info["history"][-1]["steps"]
         job.info["retrain"] = {"best_epoch": info["best_epoch"], "best_calib_score": info["best_score"],
                                "train_seconds": info["train_seconds"]}
         return model

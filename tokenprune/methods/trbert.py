@@ -441,7 +441,8 @@ class TrBert(Method):
             torch.save(pol.state_dict(), tmp / "policy.pt")
             return backbone, hist
 
-        model, _, path = job.phases.model("trbert-joint", key_e, train_joint)
+        model, info, path = job.phases.model("trbert-joint", key_e, train_joint)
+        self.retrained_steps = info["history"][-1]["steps"]  # phase E; phase C leaves the backbone frozen
         policy = self._new_policy()
         policy.load_state_dict(torch.load(path / "policy.pt", map_location="cpu"))
         self._model, self._policy = model, policy

@@ -118,6 +118,7 @@ class Truncate(Method):
             return model, {**info, "k": k, "init": init}
 
         self.truncated, info, _ = job.phases.model("truncate", key, train)
+        self.retrained_steps = info["history"][-1]["steps"]
         job.info["truncate"] = {"k": k, "trained": True, "init": init, "lr": lr, "best_calib_score": info.get("best_score"),
                                 "best_epoch": info.get("best_epoch"), "train_seconds": info.get("train_seconds")}
 
