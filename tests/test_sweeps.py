@@ -31,7 +31,7 @@ from hydra_plugins.tokenprune_sweeper.suites import FULL_MODEL
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
-STUDIES = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+STUDIES = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if not p.stem.startswith("_"))  # _study: shared fields
 COMMAND = ["${env}", "python", "${program}", "${args_no_hyphens}"]
 
 try:  # the runner's own checks, once its modules import
