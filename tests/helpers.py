@@ -15,10 +15,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import HydraContext
 from transformers import BertConfig, BertForSequenceClassification
 
+from hydra_plugins.tokenprune_sweeper import method_fields
 from hydra_plugins.tokenprune_sweeper.suites import SuiteSweeper
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["model=tiny", "budget=smoke", "logger=none", "measure.timing=false", "threads=1"]
+# Issue 23's sweep: each method takes its own fields (powerbert and random lambda, adapler phi, bert none).
+METHOD_FIELDS_SWEEP = ["method=bert,powerbert,random,adapler", "method.lambda=1e-4,1e-3", "method.phi=5e-4", "task=sst2", "speedup=2"]
 
 
 def job_config(tmp_path: Path, *overrides: str):
@@ -60,7 +63,8 @@ def make_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.T
 def tokenprune_sweeper(*arguments: str) -> tuple[SuiteSweeper, list[str]]:
     """The sweeper of `python run.py -m ARGUMENTS`, set up as Hydra sets it up, and the arguments
     Hydra hands its `sweep`. As in a multirun, the primary config is composed from the overrides that
-    are not swept; nothing is launched."""
+    are not swept, with the command line as run.py hands it to Hydra; nothing is launched."""
+    arguments = method_fields.lenient(arguments)
     parsed = OverridesParser.create().parse_overrides(arguments)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         primary = compose("config", overrides=[a for a, o in zip(arguments, parsed) if not o.is_sweep_override()],

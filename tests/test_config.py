@@ -1,5 +1,5 @@
 """Every config composes; suites expand into one job per task; bert sweeps collapse onto speedup 1;
-user mistakes on the command line get one sentence."""
+a method field reaches the methods that have it; user mistakes on the command line get one sentence."""
 
 import logging
 from pathlib import Path
@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.utils import JobReturn, JobStatus
 
 from analysis.pareto import FULL_MODEL
-from helpers import sweep_jobs, tokenprune_sweeper
+from helpers import METHOD_FIELDS_SWEEP, run_py, sweep_jobs, tokenprune_sweeper
+from hydra_plugins.tokenprune_sweeper.method_fields import MethodFieldError
 from hydra_plugins.tokenprune_sweeper.suites import SweepFailed
 from tokenprune.errors import UserError
 from tokenprune.runner import check_config
@@ -112,6 +113,31 @@ def test_the_sweep_launches_in_batches_and_ends_with_a_summary(tmp_path, caplog)
 
 def test_a_job_given_twice_runs_once():
     assert sweep_jobs("method=bert,bert", "task=sst2", "speedup=1,1.0") == [["method=bert", "task=sst2", "speedup=1"]]
+
+
+def test_a_method_field_goes_to_the_methods_that_have_it():
+    assert sweep_jobs(*METHOD_FIELDS_SWEEP) == [
+        ["method=bert", "task=sst2", "speedup=1.0"],  # no lambda, no phi: once, as a plain bert run
+        ["method=powerbert", "method.lambda=0.0001", "task=sst2", "speedup=2"],
+        ["method=powerbert", "method.lambda=0.001", "task=sst2", "speedup=2"],
+        ["method=random", "method.lambda=0.0001", "task=sst2", "speedup=2"],
+        ["method=random", "method.lambda=0.001", "task=sst2", "speedup=2"],
+        ["method=adapler", "method.phi=0.0005", "task=sst2", "speedup=2"],  # no lambda: once, with its phi
+    ]
+    assert compose_job("method=bert", "task=sst2", "speedup=1.0") == compose_job("method=bert", "task=sst2")
+
+
+def test_a_method_field_no_method_of_the_sweep_has_stops_it_in_one_sentence():
+    with pytest.raises(MethodFieldError, match="no method of this sweep has a field lamda") as e:
+        sweep_jobs("method=bert,topk", "method.lamda=1e-3", "speedup=2")
+    assert "topk: name, layer" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_single_run_with_a_field_its_method_lacks_names_the_method_and_its_fields(tmp_path):
+    out = run_py(tmp_path, "method=bert", "method.lambda=1e-3")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "method=bert has no field lambda (its fields: name, fixed_speedup)" in out.stderr
+    assert not (tmp_path / "run" / "result.json").exists(), "stopped before the job"
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,19 @@
 """tokenprune's sweeper: the cartesian product of the swept values, as Hydra's basic sweeper makes
-it, plus two rules that make tokenprune sweeps read well.
+it, plus three rules that make tokenprune sweeps read well.
 
 1. A task suite is one job per member task: `task=glue` in a multirun becomes `task=cola`, …,
    `task=wnli`, crossed with every other swept value. A suite is a file in `conf/task/` with a
    `suite:` list, so the list has one home.
-2. A method with one operating point declares it in its config (`fixed_speedup`, bert's 1.0): its
+2. A method field goes to the methods that have it: in `method=bert,powerbert method.lambda=1e-4,1e-3`
+   the powerbert jobs take each λ and bert, which has no field `lambda`, runs once without it: its
+   config is that of a plain bert run, so the two share a record (resume). A field no method of the
+   sweep has stops the sweep before any job. How `method.X=...` gets past Hydra's composition of the
+   primary config (where the method is still the default one): see method_fields.py.
+3. A method with one operating point declares it in its config (`fixed_speedup`, bert's 1.0): its
    jobs at any swept `speedup` run once, at that speedup, so `method=bert,trbert speedup=2,3` gives
    one bert job and two trbert jobs instead of bert jobs that fail half way through the sweep.
 
-The sweep's start logs what rule 2 did. At the end it prints how many jobs ended ok, skipped
+The sweep's start logs what rules 2 and 3 did. At the end it prints how many jobs ended ok, skipped
 and failed, and exits non-zero when any failed (the other jobs have all run and written their
 records by then).
 
@@ -33,6 +38,8 @@ from hydra.errors import CompactHydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
+
+from hydra_plugins.tokenprune_sweeper import method_fields
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +141,26 @@ class SuiteSweeper(Sweeper):
             expanded += [job[:at] + [f"{prefix}={member}"] + job[at + 1 :] for member in members]
         return expanded
 
+    def fit_method_fields(self, jobs: List[List[str]]) -> List[List[str]]:
+        """Each `method.X=` override goes, as a plain override, to the jobs whose method has a field
+        X, and is left out of the others."""
+        swept = list(dict.fromkeys(f for job in jobs for f in map(method_fields.field_of, job) if f))
+        if not swept:
+            return jobs
+        methods = list(dict.fromkeys(self._method_of(job) for job in jobs))
+        fields = {m: list(self._compose(f"method={m}").method) for m in methods}
+        for field in swept:
+            method_fields.check_sweep(field, fields)
+            takers = [m for m in methods if field in fields[m]]
+            others = [m for m in methods if m not in takers]
+            left_out = f"; left out of {', '.join(others)} (no field {field}), whose jobs run once whatever its value" if others else ""
+            log.info(f"method.{field} goes to the jobs of {', '.join(takers)}{left_out}.")
+        kept = []
+        for job in jobs:
+            own = fields[self._method_of(job)]
+            kept.append([method_fields.plain(o) for o in job if method_fields.field_of(o) in (None, *own)])
+        return kept
+
     def fix_speedups(self, jobs: List[List[str]]) -> List[List[str]]:
         """The jobs of a method with one operating point (`fixed_speedup` in its config) at other
         speedup targets move to that speedup (and `unique` then keeps one of them)."""
@@ -154,10 +181,10 @@ class SuiteSweeper(Sweeper):
         return fixed_jobs
 
     def jobs(self, arguments: List[str]) -> List[List[str]]:
-        """The overrides of every job of the sweep, after the two rules."""
+        """The overrides of every job of the sweep, after the three rules."""
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
-        jobs = unique(self.fix_speedups(self.expand_suites(cartesian(overrides))))
+        jobs = unique(self.fix_speedups(self.fit_method_fields(self.expand_suites(cartesian(overrides)))))
         log.info(f"Sweep: {len(jobs)} jobs.")
         return jobs
 
