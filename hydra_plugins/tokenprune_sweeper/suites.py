@@ -7,8 +7,11 @@ it, plus three rules that make tokenprune sweeps read well.
 2. A method field goes to the methods that have it: in `method=bert,powerbert method.lambda=1e-4,1e-3`
    the powerbert jobs take each λ and bert, which has no field `lambda`, runs once without it: its
    config is that of a plain bert run, so the two share a record (resume). A field no method of the
-   sweep has stops the sweep before any job. How `method.X=...` gets past Hydra's composition of the
-   primary config (where the method is still the default one): see method_fields.py.
+   sweep has stops the sweep before any job. Hydra composes a multirun's primary config, with the
+   default method (bert) and every unswept override, before this sweeper runs, and bert's closed
+   config would refuse `method.phi=...` there; so run.py hands `method.X=...` to Hydra as
+   `++method.X=...` (add or override), and this sweeper turns it back into the plain override for
+   the jobs whose method has X (method_fields.py has the details).
 3. A method with one operating point declares it in its config (`fixed_speedup`, bert's 1.0): its
    jobs at any swept `speedup` run once, at that speedup, so `method=bert,trbert speedup=2,3` gives
    one bert job and two trbert jobs instead of bert jobs that fail half way through the sweep.
