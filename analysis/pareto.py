@@ -40,7 +40,7 @@ import pandas as pd
 
 from tokenprune import results
 
-FULL_MODEL = "bert"
+FULL_MODEL = "bert"  # the reference's method name in records (its config, conf/method/bert.yaml, has fixed_speedup: 1.0)
 AXES: dict[str, str] = {
     "flops_speedup": "FLOPs speedup",
     "wallclock_speedup_b1": "wall-clock speedup, batch 1",

@@ -12,8 +12,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Hydra's plugin scan re-imports its basic sweeper; scan first, so that our sweeper subclasses the
-# class Hydra keeps.
+# Hydra's plugin scan re-executes the modules under hydra_plugins/ (the sweeper's); scan first, so
+# that the classes the tests import from them are the ones Hydra uses.
 Plugins.instance()
 
 

@@ -5,9 +5,9 @@ import socket
 
 import pytest
 
-from helpers import job_config, run_py
+from helpers import METHOD_FIELDS_SWEEP, job_config, run_py
 from tokenprune import results
-from tokenprune.runner import run_job
+from tokenprune.runner import job_key, run_job
 
 
 @pytest.mark.slow
@@ -26,6 +26,29 @@ def test_glue_smoke_sweep_then_again_finetunes_each_task_once(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "building finetune" not in again.stdout + again.stderr
     assert (again.stdout + again.stderr).count("cache hit: finetune") == 6
+
+
+@pytest.mark.slow
+def test_the_bert_job_of_a_sweep_over_method_fields_is_a_plain_bert_run(tmp_path):
+    """bert has neither lambda nor phi: it runs once, as a plain `method=bert` run would, so such a
+    run finds its record (same resolved config, same resume key) and, recomputed, the same metric."""
+    out = run_py(tmp_path, "-m", *METHOD_FIELDS_SWEEP)
+    assert out.returncode == 0, out.stderr[-3000:]
+    df = results.load(tmp_path / "sweep")
+    assert (df.status == "ok").all()
+    fields = sorted((r.method, r.speedup_target, r.config["method"].get("lambda"), r.config["method"].get("phi"))
+                    for r in df.itertuples())
+    assert fields == [("adapler", 2.0, None, 5e-4), ("bert", 1.0, None, None),
+                      ("powerbert", 2.0, 1e-4, None), ("powerbert", 2.0, 1e-3, None),
+                      ("random", 2.0, 1e-4, None), ("random", 2.0, 1e-3, None)]
+
+    swept = df[df.method == "bert"].iloc[0]
+    plain = run_job(job_config(tmp_path, "method=bert", "task=sst2"), tmp_path / "plain")
+    assert job_key(plain["config"]) == job_key(swept.config)
+    assert plain["started_at"] == swept.started_at, "resumed from the sweep's record"
+    again = run_job(job_config(tmp_path, "method=bert", "task=sst2", "resume=false"), tmp_path / "again")
+    assert again["status"] == "ok" and again["started_at"] != swept.started_at
+    assert again["metric"] == swept.metric and job_key(again["config"]) == job_key(swept.config)
 
 
 def test_single_run_of_a_suite_asks_for_multirun(tmp_path):

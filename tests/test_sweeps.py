@@ -4,34 +4,31 @@ a sweep runs exactly the jobs that `python run.py -m experiment=<study>` runs.
 
 Composing each of the few hundred grid cells from scratch would take Hydra ~70 ms apiece, so the
 config-group choices of a cell (experiment, logger, method, task) are composed with `compose` once
-per combination, and the cell's plain values (target, seed, ...) are then applied to a copy with
-Hydra's own override machinery, which is what `compose` itself does after the defaults list.
+per combination, and the cell's plain values (target, seed, ...) are then set on a copy with
+`OmegaConf.update`, which is what `compose` itself does with a plain `key=value` after the defaults
+list.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import itertools
 from pathlib import Path
 
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
-from hydra._internal.core_plugins import basic_sweeper
-from hydra._internal.utils import create_config_search_path
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.plugins import Plugins
-from hydra.types import HydraContext, RunMode
+from omegaconf import OmegaConf
 
-from hydra_plugins.tokenprune_sweeper.suites import FULL_MODEL
+from analysis.pareto import FULL_MODEL
+from helpers import sweep_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
-STUDIES = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+STUDIES = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if not p.stem.startswith("_"))  # _study: shared fields
 COMMAND = ["${env}", "python", "${program}", "${args_no_hyphens}"]
 
 try:  # the runner's own checks, once its modules import
@@ -61,7 +58,7 @@ COMPOSED: dict[tuple, object] = {}  # composed configs by their sorted group ove
 
 def compose_cells(overrides_per_cell: list[list[str]]) -> list:
     """Composes each cell: group overrides with `compose` (cached per combination), then the
-    cell's value overrides applied with Hydra's override machinery."""
+    cell's plain `key=value` overrides set as `compose` sets them."""
     parser = OverridesParser.create()
     out = []
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -71,7 +68,9 @@ def compose_cells(overrides_per_cell: list[list[str]]) -> list:
             if groups not in COMPOSED:
                 COMPOSED[groups] = compose("config", overrides=list(groups))
             cfg = copy.deepcopy(COMPOSED[groups])
-            ConfigLoaderImpl._apply_overrides_to_config(parser.parse_overrides(values), cfg)
+            for override in parser.parse_overrides(values):
+                assert override.get_key_element() == override.key_or_group, f"{override.input_line}: not a plain key=value"
+                OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
             out.append(cfg)
     return out
 
@@ -85,35 +84,18 @@ def check_job(cfg) -> None:
     assert not cfg.task.get("suite"), f"task={cfg.task.name} is a suite: a single run refuses it"
     speedup = float(cfg.speedup)
     assert speedup >= 1, f"speedup {speedup} < 1"
-    if cfg.method.name == FULL_MODEL:
-        assert speedup == 1.0, "the full model runs at speedup 1 only"
+    if cfg.method.get("fixed_speedup") is not None:
+        assert speedup == cfg.method.fixed_speedup, f"{cfg.method.name} runs at its fixed_speedup only"
     assert isinstance(cfg.seed, int)
     if check_config is not None:
         check_config(cfg)
-
-
-def sweeper_class() -> type:
-    """The tokenprune sweeper, consistent with Hydra's plugin scan: the scan re-executes
-    `basic_sweeper`, so a SuiteSweeper imported before it subclasses a stale BasicSweeper and cannot
-    be instantiated ("super(type, obj): obj must be an instance or subtype of type")."""
-    Plugins.instance()
-    module = importlib.import_module("hydra_plugins.tokenprune_sweeper.suites")
-    if not issubclass(module.SuiteSweeper, basic_sweeper.BasicSweeper):
-        module = importlib.reload(module)
-    return module.SuiteSweeper
 
 
 @functools.lru_cache(maxsize=None)
 def study_jobs(study: str) -> frozenset[tuple]:
     """The jobs of `python run.py -m experiment=<study>`: its hydra.sweeper.params, expanded by the
     tokenprune sweeper (suites into tasks, bert onto speedup 1), each composed."""
-    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF)))
-    master = loader.load_configuration("config", overrides=[f"experiment={study}"], run_mode=RunMode.MULTIRUN)
-    sweeper = sweeper_class()(params=dict(master.hydra.sweeper.params))
-    sweeper.hydra_context, sweeper.config = HydraContext(config_loader=loader, callbacks=None), master
-    arguments = OverridesParser.create().parse_overrides([*sweeper._parse_config(), f"experiment={study}"])
-    [jobs] = sweeper.split_arguments(arguments, None)
-    configs = compose_cells(jobs)
+    configs = compose_cells(sweep_jobs(f"experiment={study}"))
     for cfg in configs:
         check_job(cfg)
     return frozenset(job_of(cfg) for cfg in configs)
@@ -156,7 +138,7 @@ def test_every_sweep_combination_composes_into_a_valid_job(path):
         check_job(cfg)
         assert (cfg.method.name, cfg.task.name, cfg.seed) == (cell["method"], cell["task"], cell["seed"])
         assert cfg.study.name == path.stem and cfg.logger.name == "wandb" and cfg.logger.mode == "online"
-        expected = 1.0 if cell["method"] == FULL_MODEL else float(cell["study.target_speedup"])
+        expected = cfg.method.get("fixed_speedup", float(cell["study.target_speedup"]))
         assert float(cfg.speedup) == expected
     assert {job_of(cfg) for cfg in configs} == study_jobs(path.stem), "the W&B grid and the Hydra study run the same jobs"
 
