@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from analysis.pareto import pareto_front, speedup_at_drop
+from analysis.pareto import FULL_MODEL, format_at, pareto_front, speedup_at_drop, to_markdown, usable
 from tokenprune import results
 from tokenprune.data.metrics import PRIMARY, compute_metrics
 
@@ -196,7 +197,7 @@ def paired_differences(ok: pd.DataFrame, n_resamples: int = N_RESAMPLES, confide
 
 
 def speedup_within_drop(ok: pd.DataFrame, max_drop: float = 1.0, n_resamples: int = N_RESAMPLES,
-                        confidence: float = CONFIDENCE, seed: int = 0, full_model: str = "bert") -> pd.DataFrame:
+                        confidence: float = CONFIDENCE, seed: int = 0) -> pd.DataFrame:
     """Per (task, setting, method): the largest speedup on the method's frontier whose mean drop
     (the record's reference − method, same examples: its full model, or its equal-training control
     where that is stronger) is within `max_drop` points (`speedup`, with the kind
@@ -205,7 +206,7 @@ def speedup_within_drop(ok: pd.DataFrame, max_drop: float = 1.0, n_resamples: in
     rows = []
     tail = 100 * (1 - confidence) / 2
     for _, records, rs in _groups(ok, n_resamples, seed):
-        for method, group in records[records["method"] != full_model].groupby("method", sort=True):
+        for method, group in records[records["method"] != FULL_MODEL].groupby("method", sort=True):
             point_rows, drop_draws = [], []
             for target, g in group.groupby("speedup_target", sort=True):
                 drops = {int(r.seed): rs.metric(r.path, int(r.seed), "reference_prediction") - rs.metric(r.path, int(r.seed))
@@ -225,6 +226,88 @@ def speedup_within_drop(ok: pd.DataFrame, max_drop: float = 1.0, n_resamples: in
     return pd.DataFrame(rows)
 
 
-def cell_text(row) -> str:
-    """`82.1 ± 1.4 (3)`: mean ± half-interval (seeds)."""
-    return f"{row.metric_mean:.1f} ± {row.half_width:.1f} ({row.n_seeds})"
+# ---- tables ---------------------------------------------------------------------------------------------
+
+def _column(task: str, setting: str, target: float, several: bool) -> str:
+    return f"{task} {target:g}x" + (f" ({setting})" if several else "")
+
+
+def cells_table(cells: pd.DataFrame) -> pd.DataFrame:
+    """Methods × (task, target): `82.1 ± 1.4 (3)`, the mean over seeds ± the interval's half-width
+    (seeds); the full model (bert) in its own row at its one operating point."""
+    several = cells.groupby("task")["setting"].nunique().gt(1).to_dict()
+    cells = cells.assign(column=[_column(t, s, x, several[t]) for t, s, x in
+                                 zip(cells["task"], cells["setting"], cells["speedup_target"])],
+                         cell=[f"{m:.1f} ± {h:.1f} ({n})" for m, h, n in
+                               zip(cells["metric_mean"], cells["half_width"], cells["n_seeds"])])
+    table = cells.pivot(index="method", columns="column", values="cell").fillna("")
+    table.columns.name, table.index.name = None, "method"
+    return table
+
+
+def differences_table(diffs: pd.DataFrame) -> pd.DataFrame:
+    """Methods × (task, target): `+1.2 [0.3, 2.1] ▲` (a − b, interval; ▲/▼ where a is better/worse
+    beyond the interval)."""
+    several = diffs.groupby("task")["setting"].nunique().gt(1).to_dict()
+    cells = diffs.assign(
+        column=[_column(t, s, x, several[t]) for t, s, x in zip(diffs["task"], diffs["setting"], diffs["speedup_target"])],
+        cell=[f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" ▲" if lo > 0 else " ▼" if hi < 0 else "")
+              for d, lo, hi in zip(diffs["diff"], diffs["lo"], diffs["hi"])])
+    table = cells.pivot(index="a", columns="column", values="cell").fillna("")
+    table.columns.name, table.index.name = None, "method"
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m analysis.uncertainty",
+                                     description="Intervals over seeds and dev examples from tokenprune records.")
+    parser.add_argument("--results", nargs="+", required=True, help="directories of runs (or result.json files)")
+    parser.add_argument("--against", default="topk", help="the method every other is compared with, paired (default topk)")
+    parser.add_argument("--max-drop", type=float, default=1.0, help="drop for the speedup-within-a-drop table (points)")
+    parser.add_argument("--resamples", type=int, default=N_RESAMPLES, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--out", help="also write the tables here as Markdown and CSV")
+    args = parser.parse_args(argv)
+
+    selection = usable(args.results)
+    ok = selection.ok
+    print(selection.message())
+    missing = int(ok["examples"].isna().sum()) if "examples" in ok else len(ok)
+    if missing:
+        print(f"{missing} records keep no per-example outputs (older runs) and are left out of the intervals.")
+    cells = cell_intervals(ok, args.resamples)
+    if cells.empty:
+        print("No records with per-example outputs: run the jobs with this version of tokenprune.")
+        return 1
+    diffs = paired_differences(ok, args.resamples, against=args.against)
+    within = speedup_within_drop(ok, args.max_drop, args.resamples)
+    tables = {
+        "cells": (cells_table(cells), f"Metric mean over seeds ± half-width of its {CONFIDENCE:.0%} interval (number of "
+                                      "seeds); two-level bootstrap over seeds and dev examples."),
+        "differences": (differences_table(diffs) if not diffs.empty else pd.DataFrame(),
+                        f"Paired difference against {args.against} on the same seeds and dev examples, with its "
+                        f"{CONFIDENCE:.0%} interval; ▲/▼ better/worse beyond the interval."),
+        "within": (within.assign(speedup=[format_at(v, k) for v, k in zip(within["speedup"], within["kind"])],
+                                 lower_bound=[f"{v:.2f}×" for v in within["lower_bound"]])
+                   .set_index("method")[["task", "setting", "speedup", "lower_bound"]] if not within.empty else pd.DataFrame(),
+                   f"Largest FLOPs speedup within {args.max_drop:g} point(s) of the stronger reference, read off each "
+                   "method's frontier (`*` interpolated, `≥` a lower bound of the measured range), and its lower "
+                   f"{CONFIDENCE:.0%} bound over the resamples."),
+    }
+    for name, (table, note) in tables.items():
+        if table.empty:
+            continue
+        text = to_markdown(table, note)
+        print("\n" + text)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"uncertainty_{name}.md").write_text(text)
+    if args.out:
+        for name, frame in (("cells", cells), ("differences", diffs), ("within", within)):
+            frame.to_csv(Path(args.out) / f"uncertainty_{name}.csv", index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

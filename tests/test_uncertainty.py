@@ -108,3 +108,13 @@ def test_speedup_within_a_drop_has_a_lower_bound(two_methods):
     out = speedup_within_drop(ok, max_drop=10.0, n_resamples=200).set_index("method")
     assert out.loc["a", "speedup"] == pytest.approx(2.0)
     assert 1.0 <= out.loc["a", "lower_bound"] <= out.loc["a", "speedup"]
+
+
+def test_the_command_prints_intervals_and_paired_differences(two_methods, tmp_path, capsys):
+    from analysis.uncertainty import main
+
+    assert main(["--results", str(two_methods), "--against", "b", "--resamples", "200", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "± " in printed and "(3)" in printed  # mean ± half-width (seeds)
+    assert "+5.0 [" in printed and "▲" in printed  # a beats b beyond the interval
+    assert (tmp_path / "out" / "uncertainty_cells.md").is_file() and (tmp_path / "out" / "uncertainty_differences.csv").is_file()
