@@ -7,7 +7,8 @@ import pytest
 
 from helpers import METHOD_FIELDS_SWEEP, job_config, run_py
 from tokenprune import results
-from tokenprune.runner import job_key, run_job
+from tokenprune.resume import job_key
+from tokenprune.runner import run_job
 
 
 @pytest.mark.slow
