@@ -42,9 +42,18 @@ def _from_pretrained(loader, name: str, **kwargs):
         ) from e
 
 
+def tokenizer_source(model: DictConfig) -> str:
+    """Where the tokenizer comes from: a local directory or a hub id."""
+    return model.tokenizer or model.path or packaged_minilm_dir()
+
+
+def weights_source(model: DictConfig) -> str | None:
+    """Where the pretrained weights come from (a local directory or a hub id); None for a random init."""
+    return None if model.init == "random" else model.path or packaged_minilm_dir()
+
+
 def load_tokenizer(model: DictConfig):
-    name = model.tokenizer or model.path or packaged_minilm_dir()
-    return _from_pretrained(AutoTokenizer, name)
+    return _from_pretrained(AutoTokenizer, tokenizer_source(model))
 
 
 def load_backbone(model: DictConfig, num_labels: int, seed: int) -> torch.nn.Module:
@@ -55,7 +64,7 @@ def load_backbone(model: DictConfig, num_labels: int, seed: int) -> torch.nn.Mod
         arch = OmegaConf.to_container(model.architecture, resolve=True)
         config = BertConfig(num_labels=num_labels, problem_type=problem, **arch)
         return AutoModelForSequenceClassification.from_config(config)
-    name = model.path or packaged_minilm_dir()
+    name = weights_source(model)
     config = _from_pretrained(AutoConfig, name, num_labels=num_labels, problem_type=problem)
     # The load report only says that the new classification head is untrained, which it must be.
     verbosity = hf_logging.get_verbosity()

@@ -29,7 +29,7 @@ FIELDS = (
     "flops_mode", "flops_per_example", "baseline_flops_per_example", "flops_speedup", "flops_speedups",
     "latency_ms_b1", "baseline_latency_ms_b1", "wallclock_speedup_b1", "throughput_speedup", "timing",
     "tokens_per_layer", "baseline_tokens_per_layer", "n_eval", "method_info", "phase_times",
-    "config", "git_commit", "versions", "hardware", "started_at", "duration_s", "output_dir",
+    "config", "inputs", "git_commit", "versions", "hardware", "started_at", "duration_s", "output_dir",
 )
 
 TABLE_COLUMNS = [
@@ -83,8 +83,31 @@ def _jsonable(value):
     return str(value)
 
 
+def save(record: dict, directory: str | os.PathLike, keep_ok: bool = False) -> Path | None:
+    """`write`, and when `directory` cannot be written (no permission, a full disk), write to
+    `$TMPDIR/tokenprune-records/<directory>` instead and say where: a finished result is never lost.
+    Returns where the record went (None, with the record in the log, when nowhere could be written)."""
+    try:
+        return write(record, directory, keep_ok)
+    except OSError as e:
+        fallback = Path(tempfile.gettempdir()) / "tokenprune-records" / Path(directory).resolve().relative_to("/")
+        try:
+            path = write(record, fallback, keep_ok)
+        except OSError as again:
+            log.error(f"the record could not be written to {directory} ({e.strerror}) nor to {fallback} "
+                      f"({again.strerror}); here it is: {json.dumps(record, default=_jsonable)}")
+            return None
+        log.warning(f"{directory} cannot be written ({e.strerror}): the record went to {path} instead; "
+                    f"copy it back once the disk is fixed.")
+        return path
+
+
 def read(path: str | os.PathLike) -> dict:
-    return json.loads(Path(path).read_text())
+    """A record; ValueError when the file is not JSON or not a JSON object."""
+    record = json.loads(Path(path).read_text())
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} holds JSON but not a record (a {type(record).__name__}, not an object)")
+    return record
 
 
 def find(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -109,7 +132,7 @@ def load(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame
     for path in find(paths):
         try:
             record = read(path)
-            if not isinstance(record, dict) or "status" not in record:
+            if "status" not in record:
                 raise ValueError("not a tokenprune record (no status field)")
         except (OSError, ValueError) as e:
             log.warning(f"skipping {path}: unreadable record ({e}); re-run that job to rewrite it.")

@@ -27,6 +27,7 @@ from tokenprune.checks import check_config
 from tokenprune.errors import SkipJob, UserError
 from tokenprune.evaluate import run_eval, score
 from tokenprune.finetune import finetuned_backbone
+from tokenprune.fingerprint import job_inputs
 from tokenprune.methods.base import split_loader
 from tokenprune.methods.toolbox import Phases
 from tokenprune.models import load_tokenizer, resolve_device
@@ -61,6 +62,7 @@ def run_job(cfg: DictConfig, output_dir: str | Path, parallel_jobs: int | None =
     try:
         check_config(cfg)
         record["config"] = OmegaConf.to_container(cfg, resolve=True)
+        record["inputs"] = job_inputs(cfg)
         if cfg.resume and (done := finished_record(cfg, output_dir)) is not None:
             return done
         set_threads(cfg.get("threads"), parallel_jobs)
@@ -85,7 +87,7 @@ def run_job(cfg: DictConfig, output_dir: str | Path, parallel_jobs: int | None =
         if record["status"] is not None:
             record["hardware"] = hardware()
             record["duration_s"] = round(time.perf_counter() - t0, 2)
-            results.write(record, output_dir, keep_ok=True)
+            results.save(record, output_dir, keep_ok=True)
             if record["status"] == "ok":
                 remember(cfg, record)
         if tracker is not None:
