@@ -6,7 +6,7 @@ import os
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from tokenprune import hub
@@ -56,21 +56,26 @@ def load_tokenizer(model: DictConfig):
     return _from_pretrained(AutoTokenizer, tokenizer_source(model))
 
 
-def load_backbone(model: DictConfig, num_labels: int, seed: int) -> torch.nn.Module:
-    """A *ForSequenceClassification model with a fresh head for `num_labels` (1 = regression)."""
+def model_config(model: DictConfig, num_labels: int) -> PretrainedConfig:
+    """The backbone's config with a head for `num_labels` (1 = regression); no weights are read."""
     problem = "regression" if num_labels == 1 else "single_label_classification"
-    torch.manual_seed(seed)
     if model.init == "random":
         arch = OmegaConf.to_container(model.architecture, resolve=True)
-        config = BertConfig(num_labels=num_labels, problem_type=problem, **arch)
+        return BertConfig(num_labels=num_labels, problem_type=problem, **arch)
+    return _from_pretrained(AutoConfig, weights_source(model), num_labels=num_labels, problem_type=problem)
+
+
+def load_backbone(model: DictConfig, num_labels: int, seed: int) -> torch.nn.Module:
+    """A *ForSequenceClassification model with a fresh head for `num_labels` (1 = regression)."""
+    config = model_config(model, num_labels)
+    torch.manual_seed(seed)
+    if model.init == "random":
         return AutoModelForSequenceClassification.from_config(config)
-    name = weights_source(model)
-    config = _from_pretrained(AutoConfig, name, num_labels=num_labels, problem_type=problem)
     # The load report only says that the new classification head is untrained, which it must be.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return _from_pretrained(AutoModelForSequenceClassification, name, config=config)
+        return _from_pretrained(AutoModelForSequenceClassification, weights_source(model), config=config)
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokenprune import data as task_data
 from tokenprune import flops, methods, results, timing
 from tokenprune.cache import Cache
-from tokenprune.checks import check_config
+from tokenprune.checks import check_config, check_model, check_splits
 from tokenprune.errors import SkipJob, UserError
 from tokenprune.evaluate import run_eval, score
 from tokenprune.finetune import finetuned_backbone
@@ -98,13 +98,9 @@ def run_job(cfg: DictConfig, output_dir: str | Path, parallel_jobs: int | None =
 def load_data(cfg: DictConfig):
     """(tokenizer, encoded splits): train, calib, dev and any extra dev sets, after the budget's caps."""
     tokenizer = load_tokenizer(cfg.model)
+    check_model(cfg, tokenizer)
     raw = task_data.load_splits(cfg.task, cfg.data, cfg.budget, cfg.seed)
-    for name, ds in raw.items():
-        if len(ds) == 0:
-            raise UserError(
-                f"The {name} split of task {cfg.task.name} is empty after loading and the budget's caps: "
-                f"check the files under data.root={cfg.data.root} and the budget.max_* values."
-            )
+    check_splits(cfg, raw)
     return tokenizer, {name: task_data.encode(ds, tokenizer, cfg.task.max_length) for name, ds in raw.items()}
 
 
