@@ -10,11 +10,13 @@ The key says what an entry is; this says what a bit-exact re-run needs: on a CPU
 torch thread count sums floats in another order and ends on other weights.
 
 An entry checks itself: `manifest.json` lists the size and SHA-256 of every file written at build.
-Sizes are checked at every use; contents once per process (a fine-tuned MiniLM entry, 91 MB, hashes
-in about 0.1-0.2 s on this project's CPU, against seconds to load and use it). An entry that fails
-the check (a file missing, truncated or changed, an unreadable manifest or key, or no manifest:
-built by code older than the manifest) is moved aside to `<entry>.damaged-<time>`, named in the
-log, and rebuilt.
+An entry that fails the check (a file missing, truncated or changed, an unreadable manifest or key,
+or no manifest: built by code older than the manifest) is moved aside to `<entry>.damaged-<time>`,
+named in the log, and rebuilt. Sizes are checked at every use, contents once per process and again
+whenever a file's times move (and at every use while the entry is under 2 s old: file times tick too
+coarsely to tell apart a write within the same tick). Hashing a fine-tuned MiniLM entry (91 MB) takes
+about 0.1-0.2 s on this project's CPU, against seconds to load and use it, so every entry is hashed
+whatever its size.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ CODE_VERSION = 2  # 2: one file layout for every model phase (info.json beside t
 
 KEY_FILE, MANIFEST_FILE = "key.json", "manifest.json"
 
-# What the machine can do to a write: no permission, a read-only disk, a full disk or quota.
-DISK_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+# What the machine can do to a write: no permission, a read-only disk, a file where a folder should be,
+# a full disk or quota.
+DISK_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC, errno.EDQUOT}
 
 
 def key_hash(key: dict) -> str:
@@ -58,22 +61,32 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def settled(st: os.stat_result) -> bool:
+    """Whether a file's hash can be remembered by its size and times: file times tick coarsely (a few
+    ms), so a write within the tick after hashing would leave them unchanged; a file last written
+    more than 2 s ago is past that."""
+    return time.time() - st.st_mtime > 2
+
+
 def _as_json(key: dict) -> dict:
     """`key` as key.json holds it (tuples become lists, other objects strings)."""
     return json.loads(json.dumps(key, sort_keys=True, default=str))
 
 
-def disk_error(e: OSError, folder: Path, setting: str) -> UserError | None:
-    """One sentence for what the machine did to a write under `folder` (no permission, a read-only or
-    full disk), naming `setting`, the config value to change; None for any other OSError."""
-    if e.errno not in DISK_ERRNOS or (e.filename and not str(e.filename).startswith(str(folder))):
+def _disk_error(e: OSError, root: Path) -> UserError | None:
+    """One sentence for what the machine did to a write under the cache folder `root`; None for any
+    other OSError (one about another file is not the cache's)."""
+    if e.errno not in DISK_ERRNOS or (e.filename and not str(e.filename).startswith(str(root))):
         return None
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return UserError(f"The disk of {folder} is full ({e.strerror}): free some space there or set {setting} to a folder on another disk.")
-    return UserError(f"{folder} cannot be written ({e.strerror}): make it writable or set {setting} to a writable folder.")
+        return UserError(f"The disk of the cache folder {root} is full ({e.strerror}): free some space there "
+                         f"or set cache_dir (or TOKENPRUNE_CACHE) to a folder on another disk.")
+    return UserError(f"The cache folder {root} cannot be written ({e.strerror}): make it writable or set "
+                     f"cache_dir (or TOKENPRUNE_CACHE) to a writable folder.")
 
 
-# Entries (path and build) whose contents this process has hashed: each is hashed once per process.
+# Entries whose contents this process has hashed, with their files' sizes and times: an entry is hashed
+# once per process, and again when a file of it is written to (which moves its ctime).
 _verified: set[tuple] = set()
 
 
@@ -115,7 +128,7 @@ class Cache:
         try:
             return self._build(kind, key, final, make)
         except OSError as e:
-            raise disk_error(e, self.root, "cache_dir (or TOKENPRUNE_CACHE)") or e
+            raise _disk_error(e, self.root) or e
 
     def _build(self, kind: str, key: dict, final: Path, make: Callable[[Path], None]) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +157,6 @@ class Cache:
                 os.replace(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            _verified.add(_stamp(final))
         return final
 
     def _damage(self, entry: Path, key: dict) -> str | None:
@@ -154,28 +166,31 @@ class Cache:
                 return "its key.json does not hold its key"
             manifest = json.loads((entry / MANIFEST_FILE).read_text())
         except FileNotFoundError:
-            return "it has no manifest (built by older code)"
+            return "no manifest: built by code older than the manifest"
         except (OSError, ValueError) as e:
             return f"its key or manifest is unreadable ({e.__class__.__name__})"
         if not isinstance(manifest, dict) or not all(isinstance(v, dict) and {"size", "sha256"} <= v.keys()
                                                      for v in manifest.values()):
             return "its manifest is not a file list"
+        stamp, all_settled = [str(entry)], True
         for name, expected in manifest.items():
             try:
-                size = (entry / name).stat().st_size
+                st = (entry / name).stat()
             except OSError:
                 return f"{name} is missing"
-            if size != expected["size"]:
-                return f"{name} has {size} bytes instead of {expected['size']}"
-        stamp = _stamp(entry)
-        if stamp not in _verified:
+            if st.st_size != expected["size"]:
+                return f"{name} has {st.st_size} bytes instead of {expected['size']}"
+            stamp.append((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            all_settled = all_settled and settled(st)
+        if tuple(stamp) not in _verified:
             for name, expected in manifest.items():
                 try:
                     if file_sha256(entry / name) != expected["sha256"]:
                         return f"the content of {name} changed since it was built"
                 except OSError as e:
                     return f"{name} is unreadable ({e.strerror})"
-            _verified.add(stamp)
+            if all_settled:
+                _verified.add(tuple(stamp))
         return None
 
     @staticmethod
@@ -191,9 +206,3 @@ class Cache:
 def _files(directory: Path) -> list[str]:
     """Every file under `directory`, as sorted relative paths."""
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
-
-
-def _stamp(entry: Path) -> tuple:
-    """Which build of an entry this is: a rebuilt entry at the same path has a new manifest file."""
-    st = (entry / MANIFEST_FILE).stat()
-    return str(entry), st.st_ino, st.st_mtime_ns

@@ -7,7 +7,8 @@ key (`finetune.backbone_key`, which every method phase extends) and the resume k
 
 Hashing is paid once per file version: each hash is remembered in `<cache_dir>/file-hashes.json` by
 path, size, modification and change time (the change time moves on every write and cannot be set
-back), so a later job only stats the files. Hub ids (models, tokenizers, `data.source=hub`) are
+back), so a later job only stats the files. A file written in the last 2 s is hashed every time
+(`cache.settled`). Hub ids (models, tokenizers, `data.source=hub`) are
 identified by their names, which the config already holds.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from tokenprune.cache import Cache, file_sha256
+from tokenprune.cache import Cache, file_sha256, settled
 from tokenprune.data.load import split_file
 from tokenprune.errors import UserError
 from tokenprune.models import tokenizer_source, weights_source
@@ -50,8 +51,9 @@ def file_hash(path: str | os.PathLike, memo_file: Path) -> str:
         sha = file_sha256(path)
     except OSError as e:
         raise UserError(f"{path} cannot be read ({e.strerror}): check that it is readable.") from e
-    memo[str(path)] = {"stat": stat, "sha256": sha}
-    _write_memo(memo_file, {str(path): memo[str(path)]})
+    if settled(st):
+        memo[str(path)] = {"stat": stat, "sha256": sha}
+        _write_memo(memo_file, {str(path): memo[str(path)]})
     return sha
 
 

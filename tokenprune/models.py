@@ -26,6 +26,9 @@ def packaged_minilm_dir() -> str:
 
 def _from_pretrained(loader, name: str, **kwargs):
     """Local directories load as they are; hub ids fail within seconds when offline."""
+    if not os.path.isdir(name) and (os.path.isabs(name) or name.startswith((".", "~"))):
+        raise UserError(f"{name} is not a folder: point model.path (or model.tokenizer) at a local model folder, "
+                        f"or give a hub id such as bert-base-uncased.")
     if not os.path.isdir(name) and not hub.offline() and (reason := hub.unreachable()) is not None:
         raise UserError(
             f"model.path={name} is on the HuggingFace hub, which cannot be reached ({reason}): connect to the "
