@@ -39,8 +39,7 @@ def finished_record(cfg: DictConfig, output_dir: Path) -> dict | None:
     config = OmegaConf.to_container(cfg, resolve=True)
     inputs = job_inputs(cfg)
     key = _index_key(config, inputs, git_commit())
-    index = Cache(cfg.cache_dir)
-    indexed = index.get("records", key)
+    indexed = Cache(cfg.cache_dir).get("records", key)
     candidates = [output_dir / results.RECORD_NAME] + ([indexed / results.RECORD_NAME] if indexed else [])
     for path in candidates:
         try:
@@ -50,7 +49,8 @@ def finished_record(cfg: DictConfig, output_dir: Path) -> dict | None:
         if (record.get("status") == "ok" and job_key(record.get("config") or {}) == key["job"]
                 and record.get("inputs") == inputs):
             if path != candidates[0]:
-                results.save({**record, "output_dir": str(output_dir)}, output_dir)
+                record = {**record, "output_dir": str(output_dir)}
+                results.save(record, output_dir)
             elif indexed is None and record.get("git_commit") == key["git_commit"]:
                 remember(cfg, record)  # the index lost its copy (or never had it): write it again
             log.info(f"resume: {cfg.task.name}/{cfg.method.name} at {cfg.speedup}x is already done ({path}); not recomputed")
