@@ -28,6 +28,7 @@ attention and FFN, and the FLOPs the policy's own selector spent (see flops.py).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -130,11 +131,37 @@ def backbone_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     layers = getattr(getattr(base, "encoder", None), "layer", None)
     classifier = getattr(model, "classifier", None)
     if base is None or not hasattr(base, "embeddings") or layers is None or not isinstance(classifier, nn.Linear):
-        raise UserError(
-            f"PrunableEncoder runs BERT-style *ForSequenceClassification models (embeddings, encoder.layer, "
-            f"pooler, linear classifier), and {type(model).__name__} is not one: choose a BERT-family model."
-        )
+        raise _not_bert_style(model)
     return base, classifier
+
+
+# What the loop calls in each layer (`_attention`, `_ffn`) and on the model besides `backbone_parts`.
+LAYER_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.self.dropout",
+               "attention.self.num_attention_heads", "attention.self.attention_head_size",
+               "attention.output.dense", "attention.output.dropout", "attention.output.LayerNorm",
+               "intermediate.dense", "intermediate.intermediate_act_fn", "output.dense", "output.dropout",
+               "output.LayerNorm")
+
+
+def check_runnable(model: nn.Module) -> None:
+    """Raise a UserError for a model this loop cannot run: `backbone_parts` plus every part it calls in
+    a layer. Cheap on a model built on the meta device (no weights)."""
+    base, _ = backbone_parts(model)
+    for layer in base.encoder.layer:
+        for part in LAYER_PARTS:
+            try:
+                operator.attrgetter(part)(layer)
+            except AttributeError:
+                raise _not_bert_style(model) from None
+    if not hasattr(model, "dropout") or not hasattr(base, "pooler"):
+        raise _not_bert_style(model)
+
+
+def _not_bert_style(model: nn.Module) -> UserError:
+    return UserError(
+        f"PrunableEncoder runs BERT-style *ForSequenceClassification models (embeddings, encoder.layer, "
+        f"pooler, linear classifier), and {type(model).__name__} is not one: choose a BERT-family model."
+    )
 
 
 class _Tokens:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tokenprune import data as task_data
 from tokenprune.evaluate import run_eval, score
+from tokenprune.fingerprint import job_inputs
 from tokenprune.methods.toolbox import Phases
 from tokenprune.models import load_backbone
 from tokenprune.train import fit
@@ -35,6 +36,8 @@ def backbone_key(cfg: DictConfig) -> dict:
         "budget": {k: cfg.budget[k] for k in ("max_train", "max_calib", "finetune_epochs")},
         "seed": cfg.seed,
         "train": OmegaConf.to_container(cfg.train, resolve=True),
+        # what the config only points at: the train file's content, the tokenizer, a local model's weights
+        "inputs": job_inputs(cfg, splits=("train",)),
     }
 
 

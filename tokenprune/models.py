@@ -6,7 +6,7 @@ import os
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from tokenprune import hub
@@ -26,6 +26,9 @@ def packaged_minilm_dir() -> str:
 
 def _from_pretrained(loader, name: str, **kwargs):
     """Local directories load as they are; hub ids fail within seconds when offline."""
+    if not os.path.isdir(name) and (os.path.isabs(name) or name.startswith((".", "~"))):
+        raise UserError(f"{name} is not a folder: point model.path (or model.tokenizer) at a local model folder, "
+                        f"or give a hub id such as bert-base-uncased.")
     if not os.path.isdir(name) and not hub.offline() and (reason := hub.unreachable()) is not None:
         raise UserError(
             f"model.path={name} is on the HuggingFace hub, which cannot be reached ({reason}): connect to the "
@@ -42,26 +45,40 @@ def _from_pretrained(loader, name: str, **kwargs):
         ) from e
 
 
+def tokenizer_source(model: DictConfig) -> str:
+    """Where the tokenizer comes from: a local directory or a hub id."""
+    return model.tokenizer or model.path or packaged_minilm_dir()
+
+
+def weights_source(model: DictConfig) -> str | None:
+    """Where the pretrained weights come from (a local directory or a hub id); None for a random init."""
+    return None if model.init == "random" else model.path or packaged_minilm_dir()
+
+
 def load_tokenizer(model: DictConfig):
-    name = model.tokenizer or model.path or packaged_minilm_dir()
-    return _from_pretrained(AutoTokenizer, name)
+    return _from_pretrained(AutoTokenizer, tokenizer_source(model))
+
+
+def model_config(model: DictConfig, num_labels: int) -> PretrainedConfig:
+    """The backbone's config with a head for `num_labels` (1 = regression); no weights are read."""
+    problem = "regression" if num_labels == 1 else "single_label_classification"
+    if model.init == "random":
+        arch = OmegaConf.to_container(model.architecture, resolve=True)
+        return BertConfig(num_labels=num_labels, problem_type=problem, **arch)
+    return _from_pretrained(AutoConfig, weights_source(model), num_labels=num_labels, problem_type=problem)
 
 
 def load_backbone(model: DictConfig, num_labels: int, seed: int) -> torch.nn.Module:
     """A *ForSequenceClassification model with a fresh head for `num_labels` (1 = regression)."""
-    problem = "regression" if num_labels == 1 else "single_label_classification"
+    config = model_config(model, num_labels)
     torch.manual_seed(seed)
     if model.init == "random":
-        arch = OmegaConf.to_container(model.architecture, resolve=True)
-        config = BertConfig(num_labels=num_labels, problem_type=problem, **arch)
         return AutoModelForSequenceClassification.from_config(config)
-    name = model.path or packaged_minilm_dir()
-    config = _from_pretrained(AutoConfig, name, num_labels=num_labels, problem_type=problem)
     # The load report only says that the new classification head is untrained, which it must be.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return _from_pretrained(AutoModelForSequenceClassification, name, config=config)
+        return _from_pretrained(AutoModelForSequenceClassification, weights_source(model), config=config)
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Iterable
 
@@ -31,7 +32,7 @@ FIELDS = (
     "flops_mode", "flops_per_example", "baseline_flops_per_example", "flops_speedup", "flops_speedups",
     "latency_ms_b1", "baseline_latency_ms_b1", "wallclock_speedup_b1", "throughput_speedup", "timing",
     "tokens_per_layer", "baseline_tokens_per_layer", "n_eval", "examples", "method_info", "phase_times",
-    "config", "git_commit", "versions", "hardware", "started_at", "duration_s", "output_dir",
+    "config", "inputs", "git_commit", "versions", "hardware", "started_at", "duration_s", "output_dir",
 )
 
 TABLE_COLUMNS = [
@@ -100,17 +101,28 @@ def write_examples(examples: dict[str, np.ndarray], directory: str | os.PathLike
     return EXAMPLES_NAME
 
 
+def examples_of(directory: str | os.PathLike, record: dict) -> dict[str, np.ndarray] | None:
+    """The per-example outputs kept beside `record` in `directory`, as arrays (None: it keeps none)."""
+    if not record.get("examples"):
+        return None
+    path = Path(directory) / record["examples"]
+    try:
+        with np.load(path) as saved:
+            return {k: saved[k] for k in saved.files}
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path}: damaged per-example outputs ({e})") from e
+
+
 def read_examples(record_path: str | os.PathLike, record: dict | None = None) -> pd.DataFrame:
     """The per-example outputs beside a record (`result.json` or its directory), one row per dev
     example: idx, label, prediction, baseline_prediction."""
     path = Path(record_path)
     directory = path if path.is_dir() else path.parent
     record = read(directory / RECORD_NAME) if record is None else record
-    name = record.get("examples")
-    if not name:
+    examples = examples_of(directory, record)
+    if examples is None:
         raise FileNotFoundError(f"{directory}: this record keeps no per-example outputs (it predates them, or did not end ok).")
-    with np.load(directory / name) as saved:
-        return pd.DataFrame({k: saved[k] for k in saved.files})
+    return pd.DataFrame(examples)
 
 
 def _jsonable(value):
@@ -121,8 +133,39 @@ def _jsonable(value):
     return str(value)
 
 
+def save(record: dict, directory: str | os.PathLike, keep_ok: bool = False,
+         examples: dict[str, np.ndarray] | None = None) -> Path | None:
+    """`write` (after its per-example outputs, `write_examples`, when given), and when `directory`
+    cannot be written (no permission, a full disk), write to `$TMPDIR/tokenprune-records/<directory>`
+    instead and say where: a finished result is never lost. Returns where the record went (None,
+    with the record in the log, when nowhere could be written)."""
+
+    def write_all(target: str | os.PathLike) -> Path:
+        if examples is not None:
+            write_examples(examples, target)
+        return write(record, target, keep_ok)
+
+    try:
+        return write_all(directory)
+    except OSError as e:
+        fallback = Path(tempfile.gettempdir()) / "tokenprune-records" / Path(directory).resolve().relative_to("/")
+        try:
+            path = write_all(fallback)
+        except OSError as again:
+            log.error(f"the record could not be written to {directory} ({e.strerror}) nor to {fallback} "
+                      f"({again.strerror}); here it is: {json.dumps(record, default=_jsonable)}")
+            return None
+        log.warning(f"{directory} cannot be written ({e.strerror}): the record went to {path} instead; "
+                    f"copy it back once the disk is fixed.")
+        return path
+
+
 def read(path: str | os.PathLike) -> dict:
-    return json.loads(Path(path).read_text())
+    """A record; ValueError when the file is not JSON or not a JSON object."""
+    record = json.loads(Path(path).read_text())
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} holds JSON but not a record (a {type(record).__name__}, not an object)")
+    return record
 
 
 def find(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -147,7 +190,7 @@ def load(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame
     for path in find(paths):
         try:
             record = read(path)
-            if not isinstance(record, dict) or "status" not in record:
+            if "status" not in record:
                 raise ValueError("not a tokenprune record (no status field)")
         except (OSError, ValueError) as e:
             log.warning(f"skipping {path}: unreadable record ({e}); re-run that job to rewrite it.")

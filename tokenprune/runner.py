@@ -24,10 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 from tokenprune import data as task_data
 from tokenprune import flops, methods, results, timing
 from tokenprune.cache import Cache
-from tokenprune.checks import check_config
+from tokenprune.checks import check_config, check_model, check_splits
 from tokenprune.errors import SkipJob, UserError
 from tokenprune.evaluate import run_eval, score
 from tokenprune.finetune import equal_training_control, finetuned_backbone
+from tokenprune.fingerprint import job_inputs
 from tokenprune.methods.base import split_loader
 from tokenprune.methods.toolbox import Phases
 from tokenprune.models import load_tokenizer, resolve_device
@@ -58,10 +59,11 @@ def run_job(cfg: DictConfig, output_dir: str | Path, parallel_jobs: int | None =
         config=OmegaConf.to_container(cfg, resolve=False), git_commit=git_commit(),
         versions=versions(), started_at=started, output_dir=str(output_dir),
     )
-    tracker = None
+    tracker, examples = None, None
     try:
         check_config(cfg)
         record["config"] = OmegaConf.to_container(cfg, resolve=True)
+        record["inputs"] = job_inputs(cfg)
         if cfg.resume and (done := finished_record(cfg, output_dir)) is not None:
             return done
         set_threads(cfg.get("threads"), parallel_jobs)
@@ -70,7 +72,7 @@ def run_job(cfg: DictConfig, output_dir: str | Path, parallel_jobs: int | None =
             tags=[cfg.task.name, cfg.method.name, cfg.model.name],
         )
         fields, examples = run_pipeline(cfg, tracker)
-        record.update(fields, examples=results.write_examples(examples, output_dir))
+        record.update(fields, examples=results.EXAMPLES_NAME)
         record["status"] = "ok"
     except SkipJob as e:
         record.update(status="skipped", error=str(e))
@@ -87,9 +89,9 @@ def run_job(cfg: DictConfig, output_dir: str | Path, parallel_jobs: int | None =
         if record["status"] is not None:
             record["hardware"] = hardware()
             record["duration_s"] = round(time.perf_counter() - t0, 2)
-            results.write(record, output_dir, keep_ok=True)
+            results.save(record, output_dir, keep_ok=True, examples=examples)
             if record["status"] == "ok":
-                remember(cfg, record)
+                remember(cfg, record, examples)
         if tracker is not None:
             tracker.finish(record)
     return record
@@ -98,13 +100,9 @@ def run_job(cfg: DictConfig, output_dir: str | Path, parallel_jobs: int | None =
 def load_data(cfg: DictConfig):
     """(tokenizer, encoded splits): train, calib, dev and any extra dev sets, after the budget's caps."""
     tokenizer = load_tokenizer(cfg.model)
+    check_model(cfg, tokenizer)
     raw = task_data.load_splits(cfg.task, cfg.data, cfg.budget, cfg.seed)
-    for name, ds in raw.items():
-        if len(ds) == 0:
-            raise UserError(
-                f"The {name} split of task {cfg.task.name} is empty after loading and the budget's caps: "
-                f"check the files under data.root={cfg.data.root} and the budget.max_* values."
-            )
+    check_splits(cfg, raw)
     return tokenizer, {name: task_data.encode(ds, tokenizer, cfg.task.max_length) for name, ds in raw.items()}
 
 

@@ -106,6 +106,11 @@ def load_splits(
     return {k: splits[k] for k in order + sorted(set(splits) - set(order))}
 
 
+def split_file(task: DictConfig, data: DictConfig, split: str) -> Path:
+    """The local file a split is read from."""
+    return data_root(data) / task.dir / task.files[split]
+
+
 def read_split(task: DictConfig, data: DictConfig, split: str) -> datasets.Dataset:
     """One split of a task from local files, uncapped (e.g. MNLI's dev sets, whose train is absent)."""
     root = data_root(data)
@@ -114,7 +119,7 @@ def read_split(task: DictConfig, data: DictConfig, split: str) -> datasets.Datas
             f"The data root {root} does not exist: set data.root (or the TOKENPRUNE_DATA "
             "environment variable) to the folder with the task data, or use data.source=hub."
         )
-    path = root / task.dir / task.files[split]
+    path = split_file(task, data, split)
     if not path.is_file():
         if split == "train" and task.get("missing_train"):
             raise SkipJob(task.missing_train.format(path=path))
