@@ -67,7 +67,8 @@ def fit(
     desc: str = "train",
 ) -> dict:
     """Train `model` in place; at the end it holds the best epoch's weights (by `evaluate`, higher is
-    better; the last epoch's when there is no evaluation). Returns the per-epoch history."""
+    better; the last epoch's when there is no evaluation). Returns the per-epoch history. `log_fn` gets
+    every step's metrics as `<desc>/<name>`, with the phase's own step as `<desc>/step`."""
     model.to(device)
     groups = param_groups or default_param_groups(model, train_cfg.lr, train_cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
@@ -78,7 +79,8 @@ def fit(
     best_score, best_state, best_epoch, history, step = -math.inf, None, -1, [], 0
     for epoch in range(epochs):
         model.train()
-        bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, mininterval=2)
+        # a bar on a terminal only (disable=None); log files get the per-epoch line below
+        bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, mininterval=2, disable=None)
         for batch in bar:
             loss = step_fn(model, to_device(batch, device))
             if not torch.isfinite(loss):
@@ -95,12 +97,12 @@ def fit(
             if after_step is not None:
                 after_step(step)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            log_fn({f"{desc}/loss": loss.item(), f"{desc}/lr": scheduler.get_last_lr()[0]}, step=step)
+            log_fn({f"{desc}/loss": loss.item(), f"{desc}/lr": scheduler.get_last_lr()[0], f"{desc}/step": step})
         model.eval()
         score = evaluate(model) if evaluate is not None else float(epoch)
         history.append({"epoch": epoch + 1, "score": score, "steps": step})
         if evaluate is not None:
-            log_fn({f"{desc}/eval_score": score, f"{desc}/epoch": epoch + 1}, step=step)
+            log_fn({f"{desc}/eval_score": score, f"{desc}/epoch": epoch + 1, f"{desc}/step": step})
             log.info(f"{desc} epoch {epoch + 1}/{epochs}: eval score {score:.2f}")
         else:
             log.info(f"{desc} epoch {epoch + 1}/{epochs} done (no evaluation: the last epoch is kept)")
