@@ -4,14 +4,21 @@
     python run.py -m method=trbert,adapler task=glue speedup=2,3,5
 """
 
+import os
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
+if not sys.stderr.isatty():
+    # Progress bars only on a terminal: into a file (a redirected stderr, a cluster job's .err file)
+    # every refresh of every bar would be written; the milestones are logged. tqdm reads TQDM_*
+    # defaults when it is first imported, so this comes first.
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
-from tokenprune.runner import run_job
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from tokenprune.runner import run_job  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
