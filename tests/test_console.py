@@ -26,6 +26,7 @@ def test_a_job_ends_with_its_result_and_a_rerun_says_it_reused_it(tmp_path):
     log = (tmp_path / "run" / "run.log").read_text()
     assert "\r" not in log and "it/s" not in first.stderr, "no progress bars off a terminal"
     assert "finetune epoch 1/1: eval score" in log, "the milestones are logged"
+    assert "finetune epoch 1/1: step 2/8, loss" in log, "and a line at each quarter of an epoch"
     assert "Config (resolved; in full in" in log and "task: {name: wnli, dir: WNLI" in log
 
     again = run_py(tmp_path, "task=wnli")

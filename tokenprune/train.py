@@ -79,9 +79,10 @@ def fit(
     best_score, best_state, best_epoch, history, step = -math.inf, None, -1, [], 0
     for epoch in range(epochs):
         model.train()
-        # a bar on a terminal only (disable=None); log files get the per-epoch line below
+        # a bar on a terminal only (disable=None); off one, the log gets a line at each quarter of the epoch
         bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, mininterval=2, disable=None)
-        for batch in bar:
+        quarter = math.ceil(len(train_loader) / 4)
+        for i, batch in enumerate(bar, start=1):
             loss = step_fn(model, to_device(batch, device))
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -97,6 +98,8 @@ def fit(
             if after_step is not None:
                 after_step(step)
             bar.set_postfix(loss=f"{loss.item():.4f}")
+            if bar.disable and i % quarter == 0 and i < len(train_loader):
+                log.info(f"{desc} epoch {epoch + 1}/{epochs}: step {i}/{len(train_loader)}, loss {loss.item():.4f}")
             log_fn({f"{desc}/loss": loss.item(), f"{desc}/lr": scheduler.get_last_lr()[0], f"{desc}/step": step})
         model.eval()
         score = evaluate(model) if evaluate is not None else float(epoch)
