@@ -50,6 +50,7 @@ AXIS_LABELS = {
     "wallclock_speedup_b1": "wall-clock speedup (×)",
     "throughput_speedup": "throughput speedup (×)",
 }
+PANEL_TITLES = {"flops_speedup": "FLOPs", "wallclock_speedup_b1": "wall clock, batch 1", "throughput_speedup": "throughput, batched"}
 AXIS_SHORT = {"flops_speedup": "flops", "wallclock_speedup_b1": "wallclock", "throughput_speedup": "throughput"}
 DEFAULT_AXES = ("flops_speedup", "wallclock_speedup_b1")
 TASK_ORDER = ["cola", "sst2", "mrpc", "rte", "stsb", "qnli", "mnli", "qqp", "wnli", "imdb", "news20", "hyperpartisan"]
@@ -307,7 +308,7 @@ def task_figure(ok: pd.DataFrame, task: str, axes: Sequence[str] = DEFAULT_AXES,
             handles.update(plot_panel(ax, ok, task, axis))
             ax.set_xlabel(axis_label(ok[ok["task"] == task], axis))
             ax.set_ylabel(f"{_metric_name(ok, task)} (0–100)")
-            ax.set_title(f"{names.task(task)}: {P.AXES[axis]}" if axis == "flops_speedup" else f"{names.task(task)}: wall clock")
+            ax.set_title(f"{names.task(task)}: {PANEL_TITLES[axis]}")
         for ax in panels[1:len(axes)]:
             ax.sharey(panels[0])
         if len(theirs):

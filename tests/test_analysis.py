@@ -202,7 +202,7 @@ def test_reported_points_are_read_rows_only_and_drawn_only_on_a_panel_of_their_o
 
     # sst2: the two papers' BERT-base rows, DistilBERT's static 2x and PoWER-BERT's K80 wall clock, all on their own panel
     panels, legend = hollow_per_panel("sst2")
-    assert panels == [("SST-2: FLOPs speedup", 0), ("SST-2: wall clock", 0), ("As reported in the papers", 4)]
+    assert panels == [("SST-2: FLOPs", 0), ("SST-2: wall clock, batch 1", 0), ("As reported in the papers", 4)]
     assert "PoWER-BERT (bert-base), reported: wall clock, K80 batch 128, GLUE test" in legend
     fake = ok.assign(task="hyperpartisan")
     fig = figures.task_figure(fake, "hyperpartisan", reported=reported)
