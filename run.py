@@ -7,16 +7,23 @@ A `method.X=...` override is handed to Hydra as `++method.X=...`, so that a swee
 give each method its own fields (hydra_plugins/tokenprune_sweeper/method_fields.py says how).
 """
 
+import os
 import sys
 
-import hydra
-from hydra import compose
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
+if not sys.stderr.isatty():
+    # Progress bars only on a terminal: into a file (a redirected stderr, a cluster job's .err file)
+    # every refresh of every bar would be written; the milestones are logged. tqdm reads TQDM_*
+    # defaults when it is first imported, so this comes first.
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
-from hydra_plugins.tokenprune_sweeper import method_fields
-from tokenprune.runner import run_job
+import hydra  # noqa: E402
+from hydra import compose  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from hydra_plugins.tokenprune_sweeper import method_fields  # noqa: E402
+from tokenprune.runner import run_job  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -38,6 +39,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis import names
 from tokenprune import results
 
 FULL_MODEL = "bert"  # the reference's method name in records (its config, conf/method/bert.yaml, has fixed_speedup: 1.0)
@@ -350,14 +352,19 @@ def hypervolume(pts: pd.DataFrame, ref_drop: float = HV_REF_DROP, x: str = "spee
 def summary(ok: pd.DataFrame, axis: str = "flops_speedup", drops: Sequence[float] = DROPS,
             speedups: Sequence[float] = SPEEDUPS, ref_drop: float = HV_REF_DROP) -> pd.DataFrame:
     """One row per (task, setting, method) on `axis`: `speedup_at_drop_<d>` (+ `_kind`) for each
-    drop, `metric_at_<s>x` (+ `_kind`) for each speedup, `hypervolume`, `n_points`, `max_seeds`."""
+    drop, `metric_at_<s>x` (+ `_kind`) for each speedup, `hypervolume`, `n_points`, `min_seeds` and
+    `max_seeds` (per point), and the full model's `reference_metric`, `reference_std` and
+    `reference_seeds`."""
     pts = points(ok, axis)
     ref = reference(ok).set_index(["task", "setting"])
     rows = []
     for (task, setting, method), group in pts.groupby(["task", "setting", "method"], sort=True):
         row = {"task": task, "setting": setting, "method": method, "axis": axis,
-               "metric_name": _first(group["metric_name"]), "n_points": len(group), "max_seeds": int(group["n"].max()),
-               "reference_metric": ref["mean"].get((task, setting), math.nan)}
+               "metric_name": _first(group["metric_name"]), "n_points": len(group),
+               "min_seeds": int(group["n"].min()), "max_seeds": int(group["n"].max()),
+               "reference_metric": ref["mean"].get((task, setting), math.nan),
+               "reference_std": ref["std"].get((task, setting), math.nan),
+               "reference_seeds": ref["n"].get((task, setting), 0)}
         for d in drops:
             at = speedup_at_drop(group, d)
             row[f"speedup_at_drop_{d:g}"], row[f"speedup_at_drop_{d:g}_kind"] = at.value, at.kind
@@ -372,16 +379,22 @@ def summary(ok: pd.DataFrame, axis: str = "flops_speedup", drops: Sequence[float
 
 
 def format_at(value: float, kind: str, unit: str = "×", digits: int = 2) -> str:
-    """`2.41×` measured, `2.41×*` interpolated, `≥2.41×` lower bound, `—` not reached."""
+    """`2.41×` measured, `≈2.41×` interpolated, `≥2.41×` lower bound, `—` not reached. A speedup
+    below 1 is a slowdown and says so, `0.60× (slower)`, never as a bound (`≥0.60×` would read as
+    "maybe faster")."""
     if kind == "not reached" or value is None or not np.isfinite(value):
         return "—"
     text = f"{value:.{digits}f}{unit}"
-    return {"interpolated": text + "*", "lower bound": "≥" + text}.get(kind, text)
+    if unit == "×" and value < 1:
+        return ("≈" if kind == "interpolated" else "") + text + " (slower)"
+    return {"interpolated": "≈" + text, "lower bound": "≥" + text}.get(kind, text)
 
 
 def speedup_table(summ: pd.DataFrame, max_drop: float = 1.0) -> pd.DataFrame:
     """Speedup at ≤ `max_drop` points drop, methods × tasks (a task column per setting when a task
-    has several), as formatted strings (see `format_at`)."""
+    has several), as formatted strings (see `format_at`), under three rows that say what it is read
+    against: the task's metric, the full model's metric (mean ± std over its seeds) and the seeds per
+    point. Tasks and methods by the names people read (`analysis.names`)."""
     column = f"speedup_at_drop_{max_drop:g}"
     if summ.empty:
         return pd.DataFrame()
@@ -389,17 +402,41 @@ def speedup_table(summ: pd.DataFrame, max_drop: float = 1.0) -> pd.DataFrame:
         raise ValueError(f"the summary has no {column}: pass drops=(..., {max_drop}) to summary()")
     summ = summ.copy()
     several = summ.groupby("task")["setting"].nunique()
-    summ["column"] = [t if several[t] == 1 else f"{t} ({s})" for t, s in zip(summ["task"], summ["setting"])]
+    summ["column"] = [names.task(t) if several[t] == 1 else f"{names.task(t)} ({s})" for t, s in zip(summ["task"], summ["setting"])]
     summ["cell"] = [format_at(v, k) for v, k in zip(summ[column], summ[f"{column}_kind"])]
-    table = summ.pivot(index="method", columns="column", values="cell").fillna("n/a")
+    summ["row"] = summ["method"].map(names.method)
+    table = summ.pivot(index="row", columns="column", values="cell").fillna("n/a")
+    table = table.reindex(sorted(table.index, key=lambda m: (_method_rank(summ, m), m)))
+    header = {}
+    for col, group in summ.groupby("column"):
+        first = group.iloc[0]
+        std = f" ± {first['reference_std']:.2f}" if np.isfinite(first["reference_std"]) else ""
+        seeds = (group["min_seeds"].min(), group["max_seeds"].max())
+        header[col] = {
+            "metric": names.metric(first["metric_name"]),
+            "full model": f"{first['reference_metric']:.2f}{std} ({first['reference_seeds']} seed{'s' if first['reference_seeds'] != 1 else ''})"
+                          if np.isfinite(first["reference_metric"]) else "n/a",
+            "seeds per point": f"{seeds[0]}" if seeds[0] == seeds[1] else f"{seeds[0]}–{seeds[1]}",
+        }
+    table = pd.concat([pd.DataFrame(header).reindex(columns=table.columns), table])
     table.columns.name, table.index.name = None, "method"
+    table.attrs["header_rows"] = 3  # metric, full model, seeds: a rule under them in LaTeX
     return table
 
 
-TABLE_NOTE = ("Speedup at which the accuracy drop against the full model (same task and seed) is at most {drop:g} "
-              "point(s), read off each method's Pareto frontier ({axis}, mean over seeds). "
-              "`*` interpolated between two frontier points, linear in log-speedup; `≥` every measured point is "
-              "within the drop (a lower bound); `—` no measured point is within the drop; n/a: no records.")
+def _method_rank(summ: pd.DataFrame, display_name: str) -> int:
+    """Known methods in the order of `names.METHODS`, a user's own after them."""
+    order = [names.method(m) for m in names.METHODS]
+    return order.index(display_name) if display_name in order else len(order)
+
+
+TABLE_NOTE = ("Speedup at which the drop in the task's metric against the full model (same task and seed) is at most {drop:g} "
+              "point(s), read off each method's Pareto frontier ({axis}, mean over seeds); the rows above the methods "
+              "give the task's metric, the full model's score and the seeds behind each point. "
+              "Plain: a measured point. ≈: interpolated between two measured frontier points (linear in log "
+              "speedup), not measured. ≥: every measured point is within the drop, so the method reaches at least "
+              "its fastest measured speedup. (slower): within the drop the method is slower than the full model. "
+              "—: no measured point is within the drop. n/a: no records.")
 
 
 def to_markdown(table: pd.DataFrame, note: str = "") -> str:
@@ -417,15 +454,15 @@ def to_latex(table: pd.DataFrame, caption: str = "", label: str = "") -> str:
         text = str(text)
         for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("#", r"\#"), ("_", r"\_")):
             text = text.replace(a, b)
-        if text == "—":
-            return "--"
-        star = text.endswith("*")
-        text = text.rstrip("*").replace("≥", r"$\geq$").replace("×", r"$\times$")
-        return text + (r"$^{*}$" if star else "")
+        for a, b in (("≥", r"$\geq$"), ("≈", r"$\approx$"), ("×", r"$\times$"), ("±", r"$\pm$"), ("–", "--"), ("—", "--")):
+            text = text.replace(a, b)
+        return text
 
     lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * len(table.columns) + "}", r"\toprule",
              " & ".join([cell(table.index.name or ""), *map(cell, table.columns)]) + r" \\", r"\midrule"]
-    for index, row in table.iterrows():
+    for i, (index, row) in enumerate(table.iterrows()):
+        if i and i == table.attrs.get("header_rows"):
+            lines.append(r"\midrule")
         lines.append(" & ".join([cell(index), *map(cell, row.tolist())]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     if caption:
@@ -471,6 +508,42 @@ def promise_summary(fw: pd.DataFrame) -> pd.DataFrame:
     }).reset_index()
 
 
+# ---- what the wall clock was timed on ---------------------------------------------------------------
+
+
+def timed_on(record: dict, axis: str) -> str:
+    """How a record's `axis` was timed: the batch size and the hardware, e.g. `batch 1, Intel Xeon
+    Processor, 1 thread` or `batch 32, NVIDIA H200`; "" for the FLOPs axis."""
+    if axis == "flops_speedup":
+        return ""
+    timing = record.get("timing") if isinstance(record.get("timing"), dict) else {}
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
+    measure = config.get("measure") or {}
+    hardware = record.get("hardware") if isinstance(record.get("hardware"), dict) else {}
+    if axis == "wallclock_speedup_b1":
+        batch = "batch 1"
+    else:
+        size = timing.get("batch_size") or measure.get("batch_size")
+        batch = f"batch {size}" if size else "batch size not recorded"
+    device = timing.get("device_name")
+    if device and device != "cpu":
+        where = device
+    elif hardware.get("cpu"):
+        threads = timing.get("threads") or measure.get("threads")
+        cpu = " ".join(w for w in str(hardware["cpu"]).replace("(R)", "").replace("(TM)", "").split() if w != "CPU")
+        where = cpu.split(" @ ")[0] + (f", {threads} thread{'s' if threads != 1 else ''}" if threads else "")
+    else:
+        where = "hardware not recorded"
+    return f"{batch}, {where}"
+
+
+def timing_setups(ok: pd.DataFrame, axis: str) -> list[str]:
+    """The distinct `timed_on` of the records with a value on `axis` (one, unless records from
+    several machines or batch sizes are mixed)."""
+    rows = ok[ok[axis].notna()] if axis in ok else ok.iloc[:0]
+    return sorted({timed_on(r, axis) for r in rows.to_dict("records")} - {""})
+
+
 # ---- numbers reported in the papers ---------------------------------------------------------------
 
 
@@ -507,3 +580,15 @@ def accounting_axis(accounting: str) -> str | None:
         if accounting.startswith(prefix):
             return axis
     return None
+
+
+def accounting_label(accounting: str) -> str:
+    """How a paper measured its speedup, for people: `wallclock_k80_batch128` -> `wall clock, K80
+    batch 128`; `flops_static_6_of_12_layers` -> `FLOPs, static 6 of 12 layers`."""
+    head, *words = str(accounting).split("_")
+    if head == "full":
+        return "full model"
+    words = [re.sub(r"^batch(\d+)$", r"batch \1", w) for w in words]
+    words = [w.upper() if re.fullmatch(r"[a-z]+\d+", w) else w for w in words]  # hardware: k80 -> K80
+    head = {"flops": "FLOPs", "wallclock": "wall clock", "throughput": "throughput"}.get(head, head)
+    return ", ".join([head, " ".join(words)]) if words else head

@@ -29,9 +29,10 @@ def job_config(tmp_path: Path, *overrides: str):
         return compose("config", overrides=[*SMOKE, f"cache_dir={tmp_path / 'cache'}", *overrides])
 
 
-def run_py(tmp_path: Path, *args: str, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
-    """`python run.py ARGS` on the smoke settings, its records and cache under tmp_path."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def run_py(tmp_path: Path, *args: str, timeout: int = 600, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` on the smoke settings, its records and cache under tmp_path (`env`: more
+    environment variables, or other values for these)."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     flags = [a for a in args if a.startswith("-")]  # Hydra wants -m before the overrides
     cmd = [sys.executable, "run.py", *flags, *SMOKE, f"cache_dir={tmp_path / 'cache'}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}",

@@ -5,6 +5,7 @@ model and 4 methods, 1-3 seeds, null wall-clock fields, 1 failed and 2 skipped r
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -154,18 +155,32 @@ def test_summary_and_tables_on_the_fixture():
     row = summ.set_index(["task", "method"]).loc[("sst2", "trbert")]
     assert row["speedup_at_drop_2_kind"] == "lower bound" and row["hypervolume"] > 0
     table = P.speedup_table(summ, 1.0)
-    assert list(table.columns) == sorted(summ["task"].unique()) and "topk" in table.index
-    assert any(cell.endswith("*") for cell in table.values.ravel())
+    assert list(table.columns) == ["CoLA", "MRPC", "RTE", "SST-2"], "tasks by the names people read"
+    assert list(table.index) == ["metric", "full model", "seeds per point", "Top-k attention", "TR-BERT", "PoWER-BERT", "DistilBERT"]
+    assert table.loc["metric", "MRPC"] == "F1" and table.loc["full model", "SST-2"] == "90.50 ± 0.40 (3 seeds)"
+    assert table.loc["seeds per point", "SST-2"] == "1–3"
+    assert any(cell.startswith("≈") for cell in table.values.ravel()), "interpolated cells are marked"
     md = P.to_markdown(table, "note")
     assert md.startswith("| method |") and md.rstrip().endswith("note")
-    tex = P.to_latex(pd.DataFrame({"a_b": ["≥2.00×", "1.50×*", "—"]}, index=pd.Index(["x", "y", "z"], name="method")))
-    assert r"a\_b" in tex and r"$\geq$2.00$\times$" in tex and r"1.50$\times$$^{*}$" in tex and "--" in tex
+    tex = P.to_latex(table)
+    assert "\\midrule\nTop-k attention" in tex, "a rule between the full model's rows and the methods'"
+    tex = P.to_latex(pd.DataFrame({"a_b": ["≥2.00×", "≈1.50×", "—"]}, index=pd.Index(["x", "y", "z"], name="method")))
+    assert r"a\_b" in tex and r"$\geq$2.00$\times$" in tex and r"$\approx$1.50$\times$" in tex and "--" in tex
+
+
+def test_table_cells_say_what_they_are_and_a_slowdown_is_never_a_bound():
+    assert P.format_at(2.41, "measured") == "2.41×"
+    assert P.format_at(2.41, "interpolated") == "≈2.41×"
+    assert P.format_at(2.41, "lower bound") == "≥2.41×"
+    assert P.format_at(0.6, "lower bound") == "0.60× (slower)"  # not "≥0.60×", which reads as "maybe faster"
+    assert P.format_at(0.8, "interpolated") == "≈0.80× (slower)"
+    assert P.format_at(math.nan, "not reached") == "—"
 
 
 # ---- reported points ----------------------------------------------------------------------------
 
 
-def test_reported_points_are_read_rows_only_and_drawn_only_on_their_task(tmp_path):
+def test_reported_points_are_read_rows_only_and_drawn_only_on_a_panel_of_their_own(tmp_path):
     reported = P.load_reported()
     assert len(reported) and set(reported["status"]) == {"READ"}
     assert set(reported["axis"]) == {"*", "flops_speedup", "wallclock_speedup_b1"}
@@ -176,21 +191,36 @@ def test_reported_points_are_read_rows_only_and_drawn_only_on_their_task(tmp_pat
 
     ok = P.usable(FIXTURE).ok
 
-    def hollow(task, axis):
-        fig, ax = plt.subplots()
-        figures.plot_panel(ax, ok, task, axis, reported)
-        drawn = [c for c in ax.collections if (c.get_gid() or "").startswith("reported:")]
-        assert all(len(c.get_facecolors()) == 0 for c in drawn), "reported points are hollow"
+    def hollow_per_panel(task):
+        fig = figures.task_figure(ok, task, reported=reported)
+        panels = [(ax.get_title(), [c for c in ax.collections if (c.get_gid() or "").startswith("reported:")]) for ax in fig.axes]
+        legend = [t.get_text().replace("\n", " ") for t in fig.legends[0].get_texts()]
         plt.close(fig)
-        return len(drawn)
+        for _, drawn in panels:
+            assert all(len(c.get_facecolors()) == 0 for c in drawn), "reported points are hollow"
+        return [(title, len(drawn)) for title, drawn in panels], legend
 
-    # sst2 on FLOPs: the two papers' BERT-base rows and DistilBERT's static 2x; on wall clock: BERT-base rows and PoWER-BERT
-    assert hollow("sst2", "flops_speedup") == 3 and hollow("sst2", "wallclock_speedup_b1") == 3
+    # sst2: the two papers' BERT-base rows, DistilBERT's static 2x and PoWER-BERT's K80 wall clock, all on their own panel
+    panels, legend = hollow_per_panel("sst2")
+    assert panels == [("SST-2: FLOPs", 0), ("SST-2: wall clock, batch 1", 0), ("As reported in the papers", 4)]
+    assert "PoWER-BERT (bert-base), reported: wall clock, K80 batch 128, GLUE test" in legend
     fake = ok.assign(task="hyperpartisan")
-    fig, ax = plt.subplots()
-    figures.plot_panel(ax, fake, "hyperpartisan", "flops_speedup", reported)
-    assert not [c for c in ax.collections if (c.get_gid() or "").startswith("reported:")]
+    fig = figures.task_figure(fake, "hyperpartisan", reported=reported)
+    assert len(fig.axes) == 2, "no reported panel for a task the papers did not report"
     plt.close(fig)
+
+
+def test_every_wallclock_axis_names_its_hardware_and_batch_size():
+    ok = P.usable(FIXTURE).ok
+    assert figures.axis_label(ok, "wallclock_speedup_b1") == "wall-clock speedup (×)\nbatch 1, Intel Xeon Processor, 1 thread"
+    assert figures.axis_label(ok, "throughput_speedup") == "throughput speedup (×)\nbatch 32, Intel Xeon Processor, 1 thread"
+    gpu = {"timing": {"device_name": "NVIDIA H200", "batch_size": 64}, "hardware": {"cpu": "AMD EPYC"}}
+    assert P.timed_on(gpu, "throughput_speedup") == "batch 64, NVIDIA H200"
+    assert P.timed_on({}, "wallclock_speedup_b1") == "batch 1, hardware not recorded"
+    for fig in (figures.grid_figure(ok, "wallclock_speedup_b1"), figures.task_figure(ok, "sst2"),
+                figures.flops_vs_wallclock_figure(ok)):
+        assert any("batch 1, Intel Xeon Processor, 1 thread" in t.get_text() for t in fig.findobj(matplotlib.text.Text))
+        plt.close(fig)
 
 
 # ---- the figures command ------------------------------------------------------------------------
@@ -204,26 +234,79 @@ def figures_run(tmp_path_factory):
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        code = figures.main(["--results", str(FIXTURE), "--out", str(out)])
+        code = figures.main(["--results", str(FIXTURE), "--out", str(out), "--size", "column"])
     return code, buffer.getvalue(), out
 
 
-def test_figures_command_writes_figures_and_tables(figures_run):
+STEMS = ["sst2", "mrpc", "cola", "rte", "grid_flops", "grid_wallclock", "flops_vs_wallclock"]
+
+
+def test_figures_command_writes_figures_captions_and_tables(figures_run):
     code, printed, out = figures_run
     assert code == 0
     assert "Skipping 3 records that are not ok: 1 failed, 2 skipped." in printed
     assert "15 records have no wallclock_speedup_b1" in printed
-    for stem in ["sst2", "mrpc", "cola", "rte", "grid_flops", "grid_wallclock", "flops_vs_wallclock"]:
+    for stem in STEMS:
         png, pdf = out / f"{stem}.png", out / f"{stem}.pdf"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 30_000, stem
         assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 10_000, stem
+        assert len((out / f"{stem}.caption.txt").read_text()) > 100, "the caption goes beside the figure, not in it"
+    assert "Wall-clock speedups timed at batch 1, Intel Xeon Processor, 1 thread." in (out / "sst2.caption.txt").read_text()
     assert not (out / "mnli.png").exists()  # only skipped records
     md = (out / "speedup_at_1pt_flops.md").read_text()
-    assert "| method | cola | mrpc | rte | sst2 |" in md and "| topk |" in md and "interpolated" in md
+    assert "| method | CoLA | MRPC | RTE | SST-2 |" in md and "| Top-k attention |" in md and "interpolated" in md
     tex = (out / "speedup_at_1pt_wallclock.tex").read_text()
-    assert r"\begin{tabular}{lrrrr}" in tex and r"\toprule" in tex and "topk" in tex
+    assert r"\begin{tabular}{lrrrr}" in tex and r"\toprule" in tex and "Top-k attention" in tex
+    assert "Timed at batch 1, Intel Xeon Processor, 1 thread." in tex
     summary = pd.read_csv(out / "summary_flops.csv")
     assert {"speedup_at_drop_0.5", "speedup_at_drop_1", "speedup_at_drop_2", "hypervolume"} <= set(summary.columns)
+
+
+def pdf_facts(path: Path) -> tuple[float, set[float], bytes]:
+    """(page width in points, the font sizes its text is set in, the raw file) of a matplotlib PDF."""
+    import re
+    import zlib
+
+    data = path.read_bytes()
+    width = float(re.search(rb"/MediaBox \[ *[\d.]+ [\d.]+ ([\d.]+) [\d.]+ *\]", data).group(1))
+    sizes = set()
+    for stream in re.findall(rb"stream\r?\n(.*?)\r?\nendstream", data, re.S):
+        try:
+            sizes |= {float(x) for x in re.findall(rb"/F\d+ ([\d.]+) Tf", zlib.decompress(stream))}
+        except zlib.error:
+            pass
+    return width, sizes, data
+
+
+def test_column_figures_are_a_column_wide_with_text_of_7_pt_or_more_and_no_type3_fonts(figures_run):
+    _, _, out = figures_run
+    for stem in STEMS:
+        width, sizes, data = pdf_facts(out / f"{stem}.pdf")
+        assert width == pytest.approx(figures.SIZES["column"] * 72), stem  # placed at column width: 100%
+        assert sizes and min(sizes) >= 7, (stem, sizes)
+        assert b"/Subtype /Type3" not in data and b"/FontType 3" not in data, f"{stem}: Type 3 font"
+        assert b"/FontFile2" in data, f"{stem}: TrueType fonts embedded"
+        from PIL import Image
+
+        with Image.open(out / f"{stem}.png") as png:
+            assert png.size[0] / png.info["dpi"][0] == pytest.approx(figures.SIZES["column"], abs=0.01)
+
+
+@pytest.mark.parametrize("size", list(figures.SIZES))
+def test_every_text_of_every_figure_is_7_pt_or_more(size):
+    ok = P.usable(FIXTURE).ok
+    built = [figures.task_figure(ok, "sst2", reported=P.load_reported(), size=size),
+             figures.grid_figure(ok, "wallclock_speedup_b1", size=size), figures.flops_vs_wallclock_figure(ok, size)]
+    for fig in built:
+        assert fig.get_size_inches()[0] == pytest.approx(figures.SIZES[size])
+        texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+        assert texts and min(t.get_fontsize() for t in texts) >= 7
+        fig.canvas.draw()
+        inside = fig.bbox.padded(1)
+        for t in texts:  # nothing is cut off at the figure's edge
+            box = t.get_window_extent()
+            assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, t.get_text()
+        plt.close(fig)
 
 
 def test_figures_command_explains_bad_input(tmp_path, capsys):
@@ -266,8 +349,27 @@ def test_notebook_executes_on_the_fixture(notebook, kernel_manager_factory, monk
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     text = "\n".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "98 used" in text
-    assert any("image/png" in o.get("data", {}) for o in outputs), "the notebook shows figures"
+    # every figure: pareto's two grids and four tasks; flops_vs_wallclock's one
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == {"pareto": 6, "flops_vs_wallclock": 1}[notebook.stem]
     assert not [o for o in outputs if o.get("output_type") == "error"]
+
+
+def test_the_documented_notebook_command_runs(tmp_path):
+    """The notebook's own docstring command, `jupytext --execute` (the dev extras have nbconvert for it)."""
+    import json
+    import shlex
+    import subprocess
+
+    notebook = REPO / "analysis" / "notebooks" / "pareto.py"
+    documented = next(line for line in notebook.read_text().splitlines() if "jupytext --execute" in line)
+    command = shlex.split(documented.split("`")[1])
+    assert command[0] == f"{P.RESULTS_ENV}=multirun/2025-01-01" and command[1:3] == ["jupytext", "--execute"]
+    out = tmp_path / "pareto.ipynb"  # not beside the notebook, where a user's own .ipynb may be
+    subprocess.run([*command[1:], "-o", str(out), "--run-path", str(notebook.parent)], cwd=REPO, check=True, timeout=300,
+                   env={**os.environ, P.RESULTS_ENV: str(FIXTURE)}, capture_output=True)
+    cells = json.loads(out.read_text())["cells"]
+    outputs = [o for cell in cells if cell["cell_type"] == "code" for o in cell.get("outputs", [])]
+    assert outputs and not [o for o in outputs if o["output_type"] == "error"]
 
 
 def test_notebooks_are_percent_scripts_without_committed_ipynb():

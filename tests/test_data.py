@@ -492,3 +492,81 @@ def test_job_training_batches_group_by_length_where_the_task_says(tokenizer):
 
     assert padded_tokens(True) < 0.8 * padded_tokens(False)
     assert padded_tokens(True) >= sum(ds["length"])
+
+
+# --- a user's own task: formats, a dev split cut from train, files it cannot read ----------------
+
+
+def own_task(folder: Path, files: dict, **fields):
+    """A user's task config with only the required fields, its data in `folder` (absolute)."""
+    return OmegaConf.create({"name": "reviews", "dir": str(folder), "format": "csv", "files": files,
+                             "columns": {"text_a": "review", "text_b": None, "label": "sentiment"},
+                             "labels": ["negative", "positive"], "metric": "accuracy", "max_length": 64, **fields})
+
+
+REVIEWS = [("a warm, \"clever\" film", "positive"), ("dull,\nlifeless", "negative"), ("moving", "positive")]
+
+
+def test_csv_with_quoted_fields_with_and_without_header(tmp_path):
+    import csv
+
+    with open(tmp_path / "with.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("review", "sentiment"), *REVIEWS])
+    with open(tmp_path / "without.csv", "w", newline="") as f:
+        csv.writer(f).writerows([(label, text) for text, label in REVIEWS])
+    with_header = read_split(own_task(tmp_path, {"train": "with.csv"}), local(tmp_path / "unused"), "train")
+    without = read_split(own_task(tmp_path, {"train": "without.csv"}, header=False,
+                                  columns={"text_a": 1, "text_b": None, "label": 0}), local(tmp_path), "train")
+    for ds in (with_header, without):
+        assert list(ds["text_a"]) == [text for text, _ in REVIEWS] and list(ds["label"]) == [1, 0, 1]
+        assert list(ds["text_b"]) == ["", "", ""]
+
+
+def test_jsonl_and_a_saved_datasets_folder(tmp_path):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"review": t, "sentiment": y}) + "\n" for t, y in REVIEWS))
+    rows = {"review": [t for t, _ in REVIEWS], "sentiment": [1, 0, 1]}  # class ids in the order of `labels`
+    datasets.DatasetDict(train=datasets.Dataset.from_dict(rows), validation=datasets.Dataset.from_dict(rows)).save_to_disk(
+        str(tmp_path / "saved"))
+    jsonl = read_split(own_task(tmp_path, {"train": "train.jsonl"}, format="jsonl"), local(), "train")
+    saved = own_task(tmp_path, {"train": "saved/train", "dev": "saved/validation"}, format="hf")
+    for ds in (jsonl, read_split(saved, local(), "train"), read_split(saved, local(), "dev")):
+        assert list(ds["text_a"]) == rows["review"] and list(ds["label"]) == [1, 0, 1]
+    with pytest.raises(UserError, match=r"saved holds the splits train, validation: point each of task.files at one of them "
+                                        r"\(saved/train, saved/validation\)"):
+        read_split(own_task(tmp_path, {"train": "saved"}, format="hf"), local(), "train")
+
+
+def test_a_task_without_dev_gets_one_cut_from_train(tmp_path):
+    import csv
+
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("review", "sentiment"), *[(f"text {i}", ("negative", "positive")[i % 2]) for i in range(100)]])
+    first = load_splits(own_task(tmp_path, {"train": "train.csv"}), local(), budget(max_calib=10), seed=1)
+    other_seed = load_splits(own_task(tmp_path, {"train": "train.csv"}), local(), budget(max_calib=10), seed=2)
+    assert {k: len(v) for k, v in first.items()} == {"train": 80, "calib": 10, "dev": 10}
+    assert list(first["dev"]["text_a"]) == list(other_seed["dev"]["text_a"]), "the cut is the task's, the same for every job"
+    assert not set(first["dev"]["text_a"]) & {*first["train"]["text_a"], *first["calib"]["text_a"]}
+
+
+def test_files_the_suite_cannot_read_get_one_sentence(tmp_path):
+    (tmp_path / "comma.tsv").write_text("review,sentiment\nfine,positive\n")
+    with pytest.raises(UserError, match=r"comma\.tsv line 1: no column 'review' \(the columns are 'review,sentiment'\); "
+                                        r"the line is one field: if the file is CSV, set format: csv"):
+        read_split(own_task(tmp_path, {"train": "comma.tsv"}, format="tsv"), local(), "train")
+    (tmp_path / "latin1.csv").write_bytes("review,sentiment\ncaf\xe9,positive\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1\.csv is not UTF-8 text .*: save it as UTF-8"):
+        read_split(own_task(tmp_path, {"train": "latin1.csv"}), local(), "train")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(UserError, match=r"plain is not a folder written by datasets' save_to_disk .*: save the split with "
+                                        r"Dataset.save_to_disk, or give the data as csv, tsv or jsonl"):
+        read_split(own_task(tmp_path, {"train": "plain"}, format="hf"), local(), "train")
+    with pytest.raises(UserError, match=r"plain is a folder, not a csv file"):
+        read_split(own_task(tmp_path, {"train": "plain"}), local(), "train")
+    with pytest.raises(UserError, match=r"missing\.csv is missing: check task.dir and task.files of task reviews"):
+        read_split(own_task(tmp_path, {"train": "missing.csv"}), local(), "train")
+    incomplete = own_task(tmp_path, {"train": "train.csv"})
+    del incomplete["labels"], incomplete["metric"]
+    with pytest.raises(UserError, match=r"task reviews has no labels, metric: add them to its YAML file"):
+        load_splits(incomplete, local(), budget(), 0)
+    with pytest.raises(UserError, match=r"task.format of task reviews must be one of tsv, csv, jsonl, hf, not 'xlsx'"):
+        load_splits(own_task(tmp_path, {"train": "x.xlsx"}, format="xlsx"), local(), budget(), 0)

@@ -106,7 +106,11 @@ def job_inputs(cfg: DictConfig, splits: tuple[str, ...] | None = None) -> dict:
         data = {}
         for split in splits or list(cfg.task.files):
             path = split_file(cfg.task, cfg.data, split)
-            data[split] = file_hash(path, memo_file) if path.is_file() else None
+            if path.is_dir():  # a datasets folder (format hf): every file in it
+                data[split] = {str(f.relative_to(path)): file_hash(f, memo_file)
+                               for f in sorted(path.rglob("*")) if f.is_file()}
+            else:
+                data[split] = file_hash(path, memo_file) if path.is_file() else None
     return {
         "data": data,
         "tokenizer": _folder_hashes(tokenizer_source(cfg.model), memo_file, weights=False),

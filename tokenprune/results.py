@@ -1,20 +1,24 @@
 """Result records: one `result.json` per job, the single source of truth for tables and figures.
 
-`write` is atomic (a temporary file renamed into place), so a record is either whole or absent.
+`write` is atomic (a temporary file renamed into place), so a record is either whole or absent,
+and readable by whoever may read its folder (the umask decides, as for any file).
 `load` gathers the records under any directories into a pandas DataFrame.
-`python -m tokenprune.results DIR [DIR ...]` prints them as a table.
+`summary_line` is the one line a job ends with; `table` the table a sweep ends with.
+`python -m tokenprune.results DIR [DIR ...]` prints the records under DIRs as that table.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,13 +36,8 @@ FIELDS = (
     "flops_mode", "flops_per_example", "baseline_flops_per_example", "flops_speedup", "flops_speedups",
     "latency_ms_b1", "baseline_latency_ms_b1", "wallclock_speedup_b1", "throughput_speedup", "timing",
     "tokens_per_layer", "baseline_tokens_per_layer", "n_eval", "examples", "method_info", "phase_times",
-    "config", "inputs", "git_commit", "versions", "hardware", "started_at", "duration_s", "output_dir",
+    "config", "inputs", "git_commit", "versions", "hardware", "started_at", "duration_s", "output_dir", "wandb_run",
 )
-
-TABLE_COLUMNS = [
-    "task", "method", "model", "seed", "speedup_target", "status", "metric_name", "metric",
-    "baseline_metric", "flops_speedup", "wallclock_speedup_b1", "throughput_speedup", "n_eval", "duration_s",
-]
 
 
 def new_record(**fields) -> dict:
@@ -67,6 +66,7 @@ def write(record: dict, directory: str | os.PathLike, keep_ok: bool = False) -> 
             pass
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".result.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private (0600); a record is for the group too
         with os.fdopen(fd, "w") as f:
             json.dump(record, f, indent=1, default=_jsonable)
             f.flush()
@@ -90,6 +90,7 @@ def write_examples(examples: dict[str, np.ndarray], directory: str | os.PathLike
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".examples.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # readable by the group, like the record
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, **{k: np.asarray(v) for k, v in examples.items()})
             f.flush()
@@ -123,6 +124,12 @@ def read_examples(record_path: str | os.PathLike, record: dict | None = None) ->
     if examples is None:
         raise FileNotFoundError(f"{directory}: this record keeps no per-example outputs (it predates them, or did not end ok).")
     return pd.DataFrame(examples)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _jsonable(value):
@@ -199,25 +206,154 @@ def load(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame
     return pd.DataFrame(rows, columns=[*FIELDS, "path"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m tokenprune.results DIR [DIR ...]   (prints the records under DIRs as a table)")
-        return 0 if argv else 2
+# ---- what a person reads: one line per job, one table per sweep ---------------------------------
+
+
+def _times(value) -> str:
+    return "—" if _missing(value) else f"{float(value):.2f}×"
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _number(value, digits: int = 2) -> str:
+    return "—" if _missing(value) else f"{float(value):.{digits}f}"
+
+
+def _target(value) -> str:
+    return "—" if _missing(value) else f"{float(value):g}×"
+
+
+def _reason(record: dict) -> str:
+    """The first line of a record's error (a skipped job's reason, a failed job's error)."""
+    error = str(record.get("error") or "").strip()
+    return error.splitlines()[0] if error else "no reason recorded"
+
+
+def _batch_size(record: dict) -> int | None:
+    timing = record.get("timing") or {}
+    measure = (record.get("config") or {}).get("measure") or {}
+    return timing.get("batch_size") or measure.get("batch_size")
+
+
+def summary_line(record: dict, path: str | os.PathLike | None = None, reused: bool = False) -> str:
+    """The one line a job ends with: task, method, target; achieved FLOPs and wall-clock speedups; the
+    metric and its drop against the full model; where the record is. `path`: the record's file
+    (default: `result.json` in its `output_dir`); `reused`: the record of an earlier identical job."""
+    path = path or Path(record.get("output_dir") or ".") / RECORD_NAME
+    job = f"{record.get('task')} · {record.get('method')} · target {_target(record.get('speedup_target'))}"
+    status = record.get("status")
+    if status != "ok":
+        return f"{str(status).capitalize()}: {job} · {_reason(record)} · record {path}"
+    if _missing(record.get("wallclock_speedup_b1")):
+        wall = "wall clock not timed"
+    else:
+        wall = (f"wall clock {_times(record.get('wallclock_speedup_b1'))} at batch 1, "
+                f"{_times(record.get('throughput_speedup'))} at batch {_batch_size(record) or '?'}")
+    metric = (f"{record.get('metric_name')} {_number(record.get('metric'))}, full model "
+              f"{_number(record.get('baseline_metric'))} (drop {_number(record.get('metric_drop'))})")
+    run = (record.get("wandb_run") or {}).get("id")
+    if reused:
+        head = f"Result (reused: computed {record.get('started_at')}, not recomputed)"
+        tracking = f" · W&B run {run} of that job" if run else " · no W&B run"
+    else:
+        head, tracking = "Result", f" · W&B run {run}" if run else ""
+    return f"{head}: {job} · FLOPs {_times(record.get('flops_speedup'))} · {wall} · {metric} · record {path}{tracking}"
+
+
+def table(df: pd.DataFrame, root: str | os.PathLike | None = None) -> str:
+    """Records (rows of `load`) as a fixed-width table, in the given order, with the columns of
+    `summary_line`: a job that is not ok shows its one-line reason. Model, budget and seed get a
+    column only when they differ between rows (else one line above the table says them). Record
+    paths are shown relative to `root`."""
+    if df.empty:
+        return "No records."
+    records = df.to_dict("records")
+    shared = {k: records[0].get(k) for k in ("model", "budget", "seed") if len({str(r.get(k)) for r in records}) == 1}
+    rows = []
+    for r in records:
+        ok = r.get("status") == "ok"
+        row = {"task": r.get("task"), "method": r.get("method")}
+        row.update({k: r.get(k) for k in ("model", "budget", "seed") if k not in shared})
+        row.update({
+            "target": _target(r.get("speedup_target")),
+            "status": r.get("status"),
+            "metric": f"{r.get('metric_name')} {_number(r.get('metric'))}" if ok else "",
+            "full model": _number(r.get("baseline_metric")) if ok else "",
+            "drop": _number(r.get("metric_drop")) if ok else "",
+            "FLOPs": _times(r.get("flops_speedup")) if ok else "",
+            "wall b1": _times(r.get("wallclock_speedup_b1")) if ok else "",
+            "batched": _times(r.get("throughput_speedup")) if ok else "",
+            "record": _relative(r.get("path"), root),
+            "reason": "" if ok else _reason(r),
+        })
+        rows.append(row)
+    columns = [c for c in rows[0] if c != "reason" or any(row["reason"] for row in rows)]
+    lines = _aligned(rows, columns, right={"seed", "target", "full model", "drop", "FLOPs", "wall b1", "batched"})
+    if shared:
+        lines.insert(0, "All jobs: " + ", ".join(f"{k} {v}" for k, v in shared.items()))
+    return "\n".join(lines)
+
+
+def _aligned(rows: list[dict], columns: list[str], right: set[str]) -> list[str]:
+    """A header and one line per row, columns two spaces apart; `right` columns right-aligned."""
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if c in right else v.ljust(w) for c, v, w in zip(columns, values, widths)).rstrip()
+
+    return [line(columns), *map(line, cells)]
+
+
+def _relative(path, root) -> str:
+    if not path:
+        return ""
+    if root is not None:
+        try:
+            return str(Path(path).resolve().relative_to(Path(root).resolve()))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def counts(statuses: Iterable[str]) -> str:
+    """`4 jobs: 2 ok, 1 skipped, 1 failed`."""
+    statuses = list(statuses)
+    known = ["ok", "skipped", "failed", *sorted(set(statuses) - set(STATUSES))]
+    parts = [f"{statuses.count(s)} {s}" for s in known if statuses.count(s)]
+    return f"{len(statuses)} job{'s' if len(statuses) != 1 else ''}: {', '.join(parts) or 'none'}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tokenprune.results",
+        description="Print the result records under DIRs as a table: one row per job, with the reason of every "
+                    "job that is not ok and where its record is.")
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="output directories of runs or sweeps (searched recursively), or result.json files")
+    parser.add_argument("--status", nargs="+", choices=STATUSES, help="show only records with these statuses")
+    parser.add_argument("--sort", nargs="+", default=["task", "method", "speedup_target", "seed"], metavar="FIELD",
+                        help="record fields to sort by (default: task method speedup_target seed)")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        df = load(argv)
+        df = load(args.dirs)
     except FileNotFoundError as e:
         print(e, file=sys.stderr)
         return 2
+    unknown = [f for f in args.sort if f not in df.columns]
+    if unknown:
+        parser.error(f"--sort: unknown record fields {unknown}; give fields of result.json, e.g. task method seed")
+    if args.status:
+        df = df[df["status"].isin(args.status)]
     if df.empty:
-        print(f"No {RECORD_NAME} under {' '.join(argv)}.")
+        print(f"No {RECORD_NAME} under {' '.join(args.dirs)}" + (f" with status {', '.join(args.status)}." if args.status else "."))
         return 0
-    table = df[TABLE_COLUMNS].sort_values(["task", "method", "speedup_target", "seed"])
-    with pd.option_context("display.max_rows", None, "display.width", 200, "display.float_format", "{:.2f}".format):
-        print(table.to_string(index=False))
-    counts = df["status"].value_counts().to_dict()
-    print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    df = df.sort_values(args.sort, kind="stable", key=lambda c: c.astype(str) if c.dtype == object else c)
+    root = args.dirs[0] if len(args.dirs) == 1 and Path(args.dirs[0]).is_dir() else None
+    print(table(df, root))
+    print("\n" + counts(df["status"]))
     return 0
 
 

@@ -65,12 +65,12 @@ def run_job(cfg: DictConfig, output_dir: str | Path, parallel_jobs: int | None =
         record["config"] = OmegaConf.to_container(cfg, resolve=True)
         record["inputs"] = job_inputs(cfg)
         if cfg.resume and (done := finished_record(cfg, output_dir)) is not None:
+            log.info(results.summary_line(done, reused=True))
             return done
         set_threads(cfg.get("threads"), parallel_jobs)
-        tracker = make_tracker(
-            cfg.logger, record["config"], name=output_dir.name, group=output_dir.parent.name,
-            tags=[cfg.task.name, cfg.method.name, cfg.model.name],
-        )
+        tracker = make_tracker(cfg.logger, record["config"], output_dir, job_type=cfg.method.name,
+                               tags=[cfg.task.name, cfg.method.name, cfg.model.name])
+        record["wandb_run"] = tracker.run_info()
         fields, examples = run_pipeline(cfg, tracker)
         record.update(fields, examples=results.EXAMPLES_NAME)
         record["status"] = "ok"
@@ -86,14 +86,16 @@ def run_job(cfg: DictConfig, output_dir: str | Path, parallel_jobs: int | None =
     finally:
         # No status: the job was resumed (nothing new to write) or interrupted (Ctrl-C, a kill signal
         # turned into SystemExit): an unfinished job leaves no record, and a re-run does it.
+        path = None
         if record["status"] is not None:
             record["hardware"] = hardware()
             record["duration_s"] = round(time.perf_counter() - t0, 2)
-            results.save(record, output_dir, keep_ok=True, examples=examples)
+            path = results.save(record, output_dir, keep_ok=True, examples=examples)
             if record["status"] == "ok":
                 remember(cfg, record, examples)
         if tracker is not None:
-            tracker.finish(record)
+            tracker.finish(record, path)
+    log.info(results.summary_line(record, path))
     return record
 
 

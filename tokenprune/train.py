@@ -69,7 +69,8 @@ def fit(
     max_steps: int | None = None,
 ) -> dict:
     """Train `model` in place; at the end it holds the best epoch's weights (by `evaluate`, higher is
-    better; the last epoch's when there is no evaluation). Returns the per-epoch history.
+    better; the last epoch's when there is no evaluation). Returns the per-epoch history. `log_fn` gets
+    every step's metrics as `<desc>/<name>`, with the phase's own step as `<desc>/step`.
 
     patience: stop once this many epochs in a row did not beat the best score (early stopping; the
     schedule still decays over `epochs`). max_steps: stop after this many steps, the schedule
@@ -86,8 +87,10 @@ def fit(
     best_score, best_state, best_epoch, history, step = -math.inf, None, -1, [], 0
     for epoch in range(epochs):
         model.train()
-        bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, mininterval=2)
-        for batch in bar:
+        # a bar on a terminal only (disable=None); off one, the log gets a line at each quarter of the epoch
+        bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, mininterval=2, disable=None)
+        quarter = math.ceil(len(train_loader) / 4)
+        for i, batch in enumerate(bar, start=1):
             if step >= total:
                 break
             loss = step_fn(model, to_device(batch, device))
@@ -105,12 +108,14 @@ def fit(
             if after_step is not None:
                 after_step(step)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            log_fn({f"{desc}/loss": loss.item(), f"{desc}/lr": scheduler.get_last_lr()[0]}, step=step)
+            if bar.disable and i % quarter == 0 and i < len(train_loader):
+                log.info(f"{desc} epoch {epoch + 1}/{epochs}: step {i}/{len(train_loader)}, loss {loss.item():.4f}")
+            log_fn({f"{desc}/loss": loss.item(), f"{desc}/lr": scheduler.get_last_lr()[0], f"{desc}/step": step})
         model.eval()
         score = evaluate(model) if evaluate is not None else float(epoch)
         history.append({"epoch": epoch + 1, "score": score, "steps": step})
         if evaluate is not None:
-            log_fn({f"{desc}/eval_score": score, f"{desc}/epoch": epoch + 1}, step=step)
+            log_fn({f"{desc}/eval_score": score, f"{desc}/epoch": epoch + 1, f"{desc}/step": step})
             log.info(f"{desc} epoch {epoch + 1}/{epochs}: eval score {score:.2f}")
         else:
             log.info(f"{desc} epoch {epoch + 1}/{epochs} done (no evaluation: the last epoch is kept)")

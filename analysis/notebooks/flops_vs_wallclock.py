@@ -49,7 +49,8 @@ fw = pareto.flops_vs_wallclock(ok)
 pareto.promise_summary(fw).round(3)
 
 # %%
-_ = figures.flops_vs_wallclock_figure(ok)
+_ = figures.flops_vs_wallclock_figure(ok, size="page")
+print(figures.flops_vs_wallclock_caption(ok))
 
 # %% [markdown]
 # ## Every operating point

@@ -18,7 +18,7 @@
 #
 # **Input**: `TOKENPRUNE_RESULTS` (one or more directories, separated by `:`), else the repository's
 # `multirun/` and `outputs/`. Open it with `jupytext --to notebook analysis/notebooks/pareto.py`
-# (the `.ipynb` is not committed), or run it headless:
+# (the `.ipynb` is not committed), or run it headless (the dev install has what this needs):
 # `TOKENPRUNE_RESULTS=multirun/2025-01-01 jupytext --execute --to notebook analysis/notebooks/pareto.py`.
 
 # %%
@@ -56,22 +56,27 @@ pareto.mark_frontiers(pareto.points(ok, "flops_speedup")).round(3)
 
 # %% [markdown]
 # ## Figures
-# Accuracy against FLOPs speedup and against wall-clock speedup (batch 1), log-x. Hollow markers are
-# the numbers the papers report on BERT-base (`experiments/reference/`), never part of our frontiers.
+# Accuracy against FLOPs speedup and against wall-clock speedup (batch 1), log-x, at page width
+# (`size="column"` for a column of a paper). The numbers the papers report (`experiments/reference/`:
+# BERT-base, their own hardware and speedup accounting) get a panel of their own in each task's
+# figure, never our axes, and are never part of our frontiers.
+
+# %%
+for axis in ("flops_speedup", "wallclock_speedup_b1"):
+    _ = figures.grid_figure(ok, axis, size="page")
+print(figures.caption(ok, figures.order_tasks(ok["task"].unique()), ["flops_speedup", "wallclock_speedup_b1"]))
 
 # %%
 reported = pareto.load_reported()
-for axis in ("flops_speedup", "wallclock_speedup_b1"):
-    _ = figures.grid_figure(ok, axis, reported=reported)
-
-# %%
 for task in figures.order_tasks(ok["task"].unique()):
-    _ = figures.task_figure(ok, task, reported=reported)
+    _ = figures.task_figure(ok, task, reported=reported, size="page")
 
 # %% [markdown]
 # ## Speedup at a fixed accuracy drop
-# Read off each method's frontier, interpolated linearly in log-speedup (`*`); `≥` marks a lower
-# bound (every measured point is within the drop), `—` no point within it.
+# Read off each method's frontier: `≈` interpolated linearly in log-speedup between two measured
+# points; `≥` a lower bound (every measured point is within the drop); `(slower)` slower than the
+# full model within the drop; `—` no point within it. The first rows: the task's metric, the full
+# model's score and the seeds per point.
 
 # %%
 for axis in ("flops_speedup", "wallclock_speedup_b1"):

@@ -4,10 +4,16 @@ Every split comes out with the same four columns: `text_a` (str), `text_b` (str,
 single-text tasks), `label` (class id, or a float score for regression) and `idx` (row number
 within the source split, 0-based, header excluded).
 
+Local formats (`task.format`): `tsv` (tab-separated, quoting off: GLUE's text holds stray `"`),
+`csv` (comma-separated, quoted fields), each with a header line or without one (`task.header`);
+`jsonl` (one JSON object per line); and `hf`, a folder written by `datasets`' `save_to_disk`. A
+`*.gz` text file is gunzipped. `task.dir` is a folder under `data.root`, or any absolute path.
+
 `load_splits` then makes the job's splits:
 
 1. `dev_from_train` tasks (Hyperpartisan, which has one labelled file) are first cut into train
    and dev, stratified, with the task's own fixed seed, so every job and method sees the same split.
+   A task whose data has no dev split at all gets the same cut with `DEV_CUT`.
 2. `calib` is held out of train (never dev): a stratified sample drawn with the job seed, before
    train is capped, so it does not depend on `max_train`. With `calib_whole_inputs` (SST-2) it is
    drawn from the train texts that no other train text contains (the whole sentences), and every
@@ -19,8 +25,10 @@ Sampled rows keep their file order.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -33,8 +41,14 @@ from omegaconf import DictConfig
 from tokenprune import hub as hf_hub
 from tokenprune.errors import SkipJob, UserError
 
+log = logging.getLogger(__name__)
+
 # Salts that give each sampling step its own random stream for the same job seed.
 _CALIB, _TRAIN, _DEV = 1, 2, 3
+FORMATS = ("tsv", "csv", "jsonl", "hf")
+# The fields every task declares; the others have defaults (header: true, the rest null or false).
+REQUIRED_FIELDS = ("name", "dir", "format", "files", "columns", "labels", "metric", "max_length")
+DEV_CUT = {"fraction": 0.1, "seed": 0}  # dev cut out of train when the data has no dev split
 
 
 def is_regression(task: DictConfig) -> bool:
@@ -64,6 +78,7 @@ def load_splits(
             f"task={task.name} is a suite of tasks; run it as a sweep with -m, "
             "or pick one of its tasks."
         )
+    check_task(task)
     if data.source == "hub":
         raw = {split: _read_hub_split(task, split) for split in _hub_splits(task)}
     elif data.source == "local":
@@ -71,11 +86,15 @@ def load_splits(
     else:
         raise UserError(f"data.source must be 'local' or 'hub', not {data.source!r}.")
 
-    if task.get("dev_from_train") is not None:
+    cut = task.get("dev_from_train")
+    if cut is None and "dev" not in raw:
+        cut = DEV_CUT
+        log.info(f"task {task.name} has no dev split: dev is {cut['fraction']:.0%} of train, cut with seed "
+                 f"{cut['seed']} (task.dev_from_train sets another cut)")
+    if cut is not None:
         # The split seed is the task's, not the job's: every job must see the same train/dev.
-        cut = task.dev_from_train
         full = raw.pop("train")
-        dev_rows = _sample(full, round(cut.fraction * len(full)), cut.seed, 0, stratify=True)
+        dev_rows = _sample(full, round(cut["fraction"] * len(full)), cut["seed"], 0, stratify=True)
         raw["dev"] = full.select(dev_rows)
         raw["train"] = full.select(_complement(len(full), dev_rows))
 
@@ -107,30 +126,62 @@ def load_splits(
 
 
 def split_file(task: DictConfig, data: DictConfig, split: str) -> Path:
-    """The local file a split is read from."""
-    return data_root(data) / task.dir / task.files[split]
+    """The local file (or, for format hf, folder) a split is read from: under the data root, or under
+    `task.dir` when that is an absolute path (the data root is then unused)."""
+    return data_root(data) / Path(os.path.expanduser(str(task.dir))) / task.files[split]
+
+
+def check_task(task: DictConfig) -> None:
+    """A task config (ours, or a user's own) has what loading needs; else one sentence says what to add."""
+    missing = [k for k in REQUIRED_FIELDS if k not in task]
+    if missing:
+        raise UserError(
+            f"task {task.get('name', '?')} has no {', '.join(missing)}: add {'them' if len(missing) > 1 else 'it'} to its "
+            "YAML file (every field is described in the README's \"Your own task\" and in conf/task/sst2.yaml)."
+        )
+    if task.format not in FORMATS:
+        raise UserError(f"task.format of task {task.name} must be one of {', '.join(FORMATS)}, not {task.format!r}.")
+    if "train" not in task.files:
+        raise UserError(f"task.files of task {task.name} has no train file: give files: {{train: <file>, dev: <file>}}.")
+    for key in ("text_a", "label"):
+        if task.columns.get(key) is None:
+            raise UserError(f"task.columns of task {task.name} has no {key}: say which column holds it.")
 
 
 def read_split(task: DictConfig, data: DictConfig, split: str) -> datasets.Dataset:
-    """One split of a task from local files, uncapped (e.g. MNLI's dev sets, whose train is absent)."""
+    """One split of a task from local files, uncapped (e.g. MNLI's dev sets, whose train is absent).
+    `task.dir` is a folder under the data root, or an absolute path (then the data root is unused)."""
+    own_folder = Path(os.path.expanduser(str(task.dir)))
     root = data_root(data)
-    if not root.is_dir():
+    if not own_folder.is_absolute() and not root.is_dir():
         raise UserError(
             f"The data root {root} does not exist: set data.root (or the TOKENPRUNE_DATA "
             "environment variable) to the folder with the task data, or use data.source=hub."
         )
     path = split_file(task, data, split)
-    if not path.is_file():
+    if not path.exists():
         if split == "train" and task.get("missing_train"):
             raise SkipJob(task.missing_train.format(path=path))
+        if own_folder.is_absolute():
+            raise UserError(f"{path} is missing: check task.dir and task.files of task {task.name}.")
         raise UserError(
             f"{path} is missing: set data.root (or the TOKENPRUNE_DATA environment variable) to "
             f"a folder with {task.dir}/{task.files[split]}, or use data.source=hub."
         )
-    if task.format not in ("tsv", "jsonl"):
-        raise UserError(f"task.format must be 'tsv' or 'jsonl', not {task.format!r}.")
-    rows = _read_tsv(path, task) if task.format == "tsv" else _read_jsonl(path, task)
-    return _to_dataset(task, rows)
+    if task.format == "hf":
+        return _to_dataset(task, _read_saved(path, task))
+    if not path.is_file():
+        raise UserError(f"{path} is a folder, not a {task.format} file: point task.files at the file, or set "
+                        "format: hf if it is a folder written by datasets' save_to_disk.")
+    readers = {"tsv": _read_tsv, "csv": _read_csv, "jsonl": _read_jsonl}
+    try:
+        return _to_dataset(task, readers[task.format](path, task))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start} cannot be read as UTF-8): save it as UTF-8, "
+                        f"or gzip it as {path.name}.gz if it is a compressed file.") from None
+    except csv.Error as e:
+        raise UserError(f"{path} cannot be read as CSV ({e}): save it as plain comma-separated text, "
+                        "with quotes around fields that hold commas or line breaks.") from None
 
 
 # --- local formats -------------------------------------------------------------------------
@@ -145,25 +196,39 @@ def _open_text(path: Path):
 def _read_tsv(path: Path, task: DictConfig) -> Iterator[tuple[str, dict[str, str]]]:
     """(location, {text_a, text_b, label}) per data row. Quoting is off: GLUE text holds stray `"`."""
     with _open_text(path) as f:
-        n_fields = None
-        index: dict[str, int] = {}
-        for lineno, line in enumerate(f, start=1):
-            where = f"{path} line {lineno}"
-            line = line.rstrip("\n").removesuffix("\r")
-            if not line:
+        lines = ((n, line.rstrip("\n").removesuffix("\r")) for n, line in enumerate(f, start=1))
+        yield from _by_column(path, task, ((n, line.split("\t")) for n, line in lines if line), "tab-separated")
+
+
+def _read_csv(path: Path, task: DictConfig) -> Iterator[tuple[str, dict[str, str]]]:
+    """As `_read_tsv`, for comma-separated text with quoted fields (which may hold commas and line
+    breaks); a row's location is the line it ends on."""
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        yield from _by_column(path, task, ((reader.line_num, row) for row in reader if row), "comma-separated")
+
+
+def _by_column(path: Path, task: DictConfig, rows: Iterable[tuple[int, list[str]]], kind: str
+               ) -> Iterator[tuple[str, dict[str, str]]]:
+    """Rows of fields picked by the task's columns: header names with a header line, else indexes."""
+    n_fields = None
+    index: dict[str, int] = {}
+    for lineno, fields in rows:
+        where = f"{path} line {lineno}"
+        if n_fields is None:
+            n_fields = len(fields)
+            other, separator = {"tab-separated": ("csv", ","), "comma-separated": ("tsv", "\t")}[kind]
+            hint = (f"; the line is one field: if the file is {other.upper()}, set format: {other}"
+                    if n_fields == 1 and separator in fields[0] else "")
+            if task.get("header", True):
+                index = {k: fields.index(_pick(spec, fields, where, hint)) for k, spec in _columns(task)}
                 continue
-            fields = line.split("\t")
-            if n_fields is None:
-                n_fields = len(fields)
-                if task.header:
-                    index = {k: fields.index(_pick(spec, fields, where)) for k, spec in _columns(task)}
-                    continue
-                index = {k: int(spec) for k, spec in _columns(task)}
-                if max(index.values()) >= n_fields:
-                    _malformed(where, f"only {n_fields} fields, the task reads field {max(index.values())}")
-            if len(fields) != n_fields:
-                _malformed(where, f"expected {n_fields} tab-separated fields, found {len(fields)}")
-            yield where, {k: fields[i] for k, i in index.items()}
+            index = {k: int(spec) for k, spec in _columns(task)}
+            if max(index.values()) >= n_fields:
+                _malformed(where, f"only {n_fields} fields, the task reads field {max(index.values())}{hint}")
+        if len(fields) != n_fields:
+            _malformed(where, f"expected {n_fields} {kind} fields, found {len(fields)}")
+        yield where, {k: fields[i] for k, i in index.items()}
 
 
 def _read_jsonl(path: Path, task: DictConfig) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -185,13 +250,37 @@ def _columns(task: DictConfig) -> list[tuple[str, Any]]:
     return [(k, spec) for k, spec in task.columns.items() if spec is not None]
 
 
-def _pick(spec: Any, present: Iterable[str], where: str) -> str:
+def _pick(spec: Any, present: Iterable[str], where: str, hint: str = "") -> str:
     """The column a spec names; a list of names means the first one present (e.g. MNLI's label)."""
     names = [spec] if isinstance(spec, str) else list(spec)
+    present = list(present)
     for name in names:
         if name in present:
             return name
-    _malformed(where, f"no column {' or '.join(map(repr, names))}")
+    _malformed(where, f"no column {' or '.join(map(repr, names))} (the columns are {', '.join(map(repr, present))}){hint}")
+
+
+def _read_saved(path: Path, task: DictConfig) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of a dataset folder written by `save_to_disk` (one split)."""
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"{path} is not a folder written by datasets' save_to_disk ({e}): save the split with "
+                        "Dataset.save_to_disk, or give the data as csv, tsv or jsonl.") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = ", ".join(f"{task.files.get('train')}/{name}" for name in ds)
+        raise UserError(f"{path} holds the splits {', '.join(ds)}: point each of task.files at one of them ({splits}).")
+    yield from _dataset_rows(task, ds, {k: _pick(spec, ds.column_names, str(path)) for k, spec in _columns(task)},
+                             f"{path} row")
+
+
+def _dataset_rows(task: DictConfig, ds: datasets.Dataset, columns: dict[str, str], where: str
+                  ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Rows of a `datasets.Dataset`; `columns`: our field -> its column. Class ids are taken in the
+    order of `task.labels`."""
+    table = {k: ds[c] for k, c in columns.items()}
+    for i in range(len(ds)):
+        yield f"{where} {i}", {k: _class_name(task, k, table[k][i]) for k in columns}
 
 
 def _to_dataset(task: DictConfig, rows: Iterable[tuple[str, dict[str, Any]]]) -> datasets.Dataset:
@@ -267,16 +356,11 @@ def _read_hub_split(task: DictConfig, split: str) -> datasets.Dataset:
             "data.source=local with data.root (or TOKENPRUNE_DATA)."
         ) from e
     cols = {k: c for k, c in hub.columns.items() if c is not None}
-    table = {k: ds[c] for k, c in cols.items()}
-    where = f"{hub.path} ({hub.name}) split {hub.splits[split]} row"
-    rows = (
-        (f"{where} {i}", {k: _hub_value(task, k, table[k][i]) for k in cols}) for i in range(len(ds))
-    )
-    return _to_dataset(task, rows)
+    return _to_dataset(task, _dataset_rows(task, ds, cols, f"{hub.path} ({hub.name}) split {hub.splits[split]} row"))
 
 
-def _hub_value(task: DictConfig, key: str, value: Any) -> Any:
-    """Hub labels are class ids (ClassLabel, or a bool) in the order of `task.labels`."""
+def _class_name(task: DictConfig, key: str, value: Any) -> Any:
+    """Labels in a `datasets.Dataset` may be class ids (ClassLabel, or a bool) in the order of `task.labels`."""
     if key != "label" or is_regression(task) or isinstance(value, str):
         return value
     if isinstance(value, (bool, int, np.integer)) and 0 <= int(value) < len(task.labels):
