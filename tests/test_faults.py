@@ -181,7 +181,7 @@ DATA = [
     ("dev file empty", lambda d: (d / "WNLI" / "dev.tsv").write_text(""), [], "dev split of task wnli is empty"),
     ("dev file header only", _header_only, [], "dev split of task wnli is empty"),
     ("train file missing", lambda d: (d / "WNLI" / "train.tsv").unlink(), [], "train.tsv is missing"),
-    ("train file is a folder", _train_is_a_folder, [], "train.tsv is missing"),
+    ("train file is a folder", _train_is_a_folder, [], "train.tsv is a folder, not a tsv file"),
     ("row with too few fields", _bad_field_count, [], "train.tsv line 4: expected 4 tab-separated fields"),
     ("label not in the task's labels", _unknown_label, [], "dev.tsv line 3: label 'maybe' is not one of"),
     ("calib takes all of train", lambda d: None, ["budget.max_calib=100000"], "leaves no training examples"),
