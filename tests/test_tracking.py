@@ -68,11 +68,13 @@ def phase_curves(records: list[dict]) -> dict[str, list[int]]:
 
 @pytest.mark.slow
 def test_every_phase_of_a_powerbert_run_keeps_its_curve(sweeps):
-    """The full model's job fine-tunes (cached for PoWER-BERT's job, which searches, then re-trains):
+    """The full model's job fine-tunes (cached for PoWER-BERT's job, which searches, re-trains, then
+    trains its equal-training control):
     every phase keeps every one of its steps, 1, 2, ... though each starts again at 1."""
     curves = {run_of(r)["job_type"]: phase_curves(r) for r in sweeps["runs"].values() if run_of(r)["run_group"]}
     assert set(curves["bert"]) == {"finetune"}
-    assert set(curves["powerbert"]) == {"powerbert-search", "powerbert-retrain"}
+    # and its equal-training control: the full model trained as many more steps
+    assert set(curves["powerbert"]) == {"powerbert-search", "powerbert-retrain", "control"}
     for phases in curves.values():
         for phase, steps in phases.items():
             assert len(steps) > 1 and steps == list(range(1, len(steps) + 1)), (phase, steps)
