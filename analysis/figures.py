@@ -38,10 +38,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from analysis import names
 from analysis import pareto as P
+from analysis import uncertainty as U
 
 SIZES = {"column": 3.3, "page": 6.9}  # figure widths, inches: a column of a two-column paper, a full page
 LABEL_PT, SMALL_PT = 8, 7  # axis labels and titles; ticks, legends and annotations
@@ -64,7 +66,8 @@ TICKS = {1: 0, 2: 0, 10: 0, 0.5: 1, 3: 1, 5: 1, 20: 1, 50: 1, 100: 1, 0.25: 2, 1
          0.75: 3, 2.5: 3, 6: 3, 8: 3, 15: 3, 1.25: 4, 12: 4}
 FRONTIER_BAND = "Frontier over all methods"
 DOMINATED = "Dominated point (faded)"
-FULL_MODEL_LABEL = "Full model, mean ± std"
+FULL_MODEL_LABEL = "Full model"
+INTERVAL_BAND = "95% interval along the frontier"
 
 
 def paper_style(size: str = "column") -> dict:
@@ -123,13 +126,49 @@ def axis_label(ok: pd.DataFrame, axis: str) -> str:
 # ---- panels -------------------------------------------------------------------------------------
 
 
-def plot_panel(ax, ok: pd.DataFrame, task: str, axis: str = "flops_speedup") -> dict[str, Line2D]:
-    """Metric against `axis` for one task: each method's points (mean over seeds, error bars ±1 std),
-    its frontier as a line, dominated points faded, the frontier over all methods as a grey band, the
-    full model as a dashed line (±1 std shaded). Returns legend handles by label."""
+def intervals(ok: pd.DataFrame, n_resamples: int = U.N_RESAMPLES) -> pd.DataFrame:
+    """The 95% interval of every point (task, setting, method, speedup_target) that has per-example
+    outputs: `lo`, `hi` of the metric's mean over seeds (two-level bootstrap over seeds and dev
+    examples, `analysis.uncertainty`). Empty when no record keeps its examples."""
+    cells = U.cell_intervals(ok, n_resamples)
+    return cells[[*P.POINT_KEY, "lo", "hi"]] if len(cells) else pd.DataFrame(columns=[*P.POINT_KEY, "lo", "hi"])
+
+
+def _with_intervals(pts: pd.DataFrame, cells: pd.DataFrame | None) -> pd.DataFrame:
+    """`pts` with `lo`/`hi`: the bootstrap interval where there is one, else mean ± 1 std (NaN
+    with one seed), and `spread` saying which."""
+    pts = pts.drop(columns=["lo", "hi"], errors="ignore")
+    if cells is not None and len(cells) and len(pts):
+        pts = pts.merge(cells, on=P.POINT_KEY, how="left")
+    else:
+        pts = pts.assign(lo=np.nan, hi=np.nan)
+    bootstrap = pts["lo"].notna()
+    std = pts["metric_std"].astype(float)
+    pts["lo"] = pts["lo"].where(bootstrap, pts["metric_mean"] - std)
+    pts["hi"] = pts["hi"].where(bootstrap, pts["metric_mean"] + std)
+    pts["spread"] = np.where(bootstrap, "interval", "std")
+    return pts
+
+
+def _full_model_interval(ref_row, cells: pd.DataFrame | None, task: str) -> tuple[float, float]:
+    """The full model's shaded range: its bootstrap interval, else mean ± 1 std."""
+    if cells is not None and len(cells):
+        mine = cells[(cells["task"] == task) & (cells["setting"] == ref_row.setting) & (cells["method"] == P.FULL_MODEL)]
+        if len(mine):
+            return float(mine["lo"].iloc[0]), float(mine["hi"].iloc[0])
+    return ref_row.mean - ref_row.std, ref_row.mean + ref_row.std
+
+
+def plot_panel(ax, ok: pd.DataFrame, task: str, axis: str = "flops_speedup",
+               cells: pd.DataFrame | None = None) -> dict[str, Line2D]:
+    """Metric against `axis` for one task: each method's points (mean over seeds; error bars: the 95%
+    bootstrap interval from `cells` (see `intervals`) where the records keep per-example outputs, else
+    ±1 std), its frontier as a line with its interval as a band, dominated points faded, the frontier
+    over all methods as a grey line, the full model as a dashed line with its interval (or ±1 std)
+    shaded. Returns legend handles by label."""
     P._check_axis(axis)
     rows = ok[ok["task"] == task]
-    pts = P.mark_frontiers(P.points(rows, axis))
+    pts = _with_intervals(P.mark_frontiers(P.points(rows, axis)), cells)
     ref = P.reference(rows)
     several = rows["setting"].nunique() > 1
     handles: dict[str, Line2D] = {}
@@ -152,10 +191,15 @@ def plot_panel(ax, ok: pd.DataFrame, task: str, axis: str = "flops_speedup") -> 
             part = group[group["on_frontier"] == on]
             if part.empty:
                 continue
-            ax.errorbar(part["speedup"], part["metric_mean"], yerr=part["metric_std"].fillna(0), xerr=part["speedup_std"].fillna(0),
+            yerr = np.vstack([(part["metric_mean"] - part["lo"]).fillna(0).clip(lower=0),
+                              (part["hi"] - part["metric_mean"]).fillna(0).clip(lower=0)])
+            ax.errorbar(part["speedup"], part["metric_mean"], yerr=yerr, xerr=part["speedup_std"].fillna(0),
                         fmt=st["marker"], color=st["color"], alpha=alpha, capsize=1.5, elinewidth=0.6, zorder=3)
-        front = P.pareto_front(group)
+        front = P.pareto_front(group).sort_values("speedup")
         ax.plot(front["speedup"], front["metric_mean"], color=st["color"], linestyle=st["linestyle"], zorder=2)
+        if len(front) > 1 and front["lo"].notna().all():
+            ax.fill_between(front["speedup"], front["lo"], front["hi"], color=st["color"], alpha=0.12, lw=0, zorder=1)
+            handles[INTERVAL_BAND] = Patch(color="0.5", alpha=0.25, lw=0)
         handles[label] = Line2D([], [], color=st["color"], marker=st["marker"], linestyle=st["linestyle"])
         if (~group["on_frontier"]).any():
             handles[DOMINATED] = Line2D([], [], color="0.5", marker="o", linestyle="none", alpha=0.3)
@@ -163,8 +207,9 @@ def plot_panel(ax, ok: pd.DataFrame, task: str, axis: str = "flops_speedup") -> 
     for r in ref.itertuples():
         line = setting_lines[settings.index(r.setting) % len(setting_lines)] if several else "--"
         ax.axhline(r.mean, color="black", linestyle=line, lw=0.8, zorder=2)
-        if np.isfinite(r.std):
-            ax.axhspan(r.mean - r.std, r.mean + r.std, color="black", alpha=0.07, lw=0, zorder=0)
+        lo, hi = _full_model_interval(r, cells, task)
+        if np.isfinite(lo) and np.isfinite(hi):
+            ax.axhspan(lo, hi, color="black", alpha=0.07, lw=0, zorder=0)
         ax.plot([1.0], [r.mean], marker="*", color="black", ms=6, linestyle="none", zorder=4)
         handles[FULL_MODEL_LABEL + (f" ({r.setting})" if several else "")] = Line2D(
             [], [], color="black", linestyle=line, marker="*", ms=6)
@@ -224,16 +269,31 @@ def _seeds(ok: pd.DataFrame) -> int:
     return int(ok.groupby(P.POINT_KEY, dropna=False).size().max()) if len(ok) else 0
 
 
-def caption(ok: pd.DataFrame, tasks: Sequence[str], axes: Sequence[str], reported: pd.DataFrame | None = None) -> str:
-    """The caption of a metric-against-speedup figure: what is drawn, the settings, the seeds, what
-    the wall clock was timed on, and what the reported panel is."""
+def spread_note(ok: pd.DataFrame, cells: pd.DataFrame | None) -> str:
+    """What the error bars and shades of a figure are: the bootstrap interval, ±1 std, or which is which."""
+    keys = ok[P.POINT_KEY].drop_duplicates()
+    with_interval = 0 if cells is None or cells.empty else len(keys.merge(cells[P.POINT_KEY], on=P.POINT_KEY))
+    interval = (f"the {U.CONFIDENCE:.0%} interval of that mean (two-level bootstrap over seeds and dev examples, "
+                "the task's metric recomputed on each resample)")
+    if with_interval == len(keys):
+        return f"Error bars, the band along each frontier and the full model's shade: {interval}."
+    if with_interval == 0:
+        return "Error bars and the full model's shade: ±1 std over seeds (no per-example outputs kept)."
+    return (f"Error bars, bands and shades: {interval} for the {with_interval} of {len(keys)} points whose records keep "
+            "per-example outputs, ±1 std over seeds for the others.")
+
+
+def caption(ok: pd.DataFrame, tasks: Sequence[str], axes: Sequence[str], reported: pd.DataFrame | None = None,
+            cells: pd.DataFrame | None = None) -> str:
+    """The caption of a metric-against-speedup figure: what is drawn, the settings, the seeds, which
+    spread the error bars show, what the wall clock was timed on, and what the reported panel is."""
     rows = ok[ok["task"].isin(tasks)]
     seeds = _seeds(rows)
     text = (f"{', '.join(names.task(t) for t in tasks)}: dev metric (0-100) against speedup over the full model (log "
             f"scale); {', '.join(sorted(rows['setting'].unique()))}. Each point is the mean over seeds "
-            f"({'up to ' if seeds > 1 else ''}{seeds} per point), error bars ±1 std. Lines: each method's Pareto "
-            "frontier (maximise metric and speedup); faded markers: dominated points; grey band: the frontier over "
-            "all methods. Dashed line and star: the full model, ±1 std shaded.")
+            f"({'up to ' if seeds > 1 else ''}{seeds} per point). {spread_note(rows, cells)} Lines: each method's "
+            "Pareto frontier (maximise metric and speedup); faded markers: dominated points; thick grey line: the "
+            "frontier over all methods. Dashed line and star: the full model.")
     for axis in axes:
         if axis != "flops_speedup":
             text += f" {AXIS_LABELS[axis].split(' (')[0].capitalize()}s timed at {'; '.join(P.timing_setups(rows, axis)) or 'no timing recorded'}."
@@ -294,7 +354,7 @@ def _legend_rank(label: str) -> tuple:
 
 
 def task_figure(ok: pd.DataFrame, task: str, axes: Sequence[str] = DEFAULT_AXES, reported: pd.DataFrame | None = None,
-                size: str = "column"):
+                size: str = "column", cells: pd.DataFrame | None = None):
     """One task, one panel per speedup axis (stacked at column width, side by side at page width),
     plus the papers' reported points on a panel of their own when `reported` has any for the task."""
     theirs = _reported_rows(reported, [task])
@@ -305,7 +365,7 @@ def task_figure(ok: pd.DataFrame, task: str, axes: Sequence[str] = DEFAULT_AXES,
         panels = list(panels.flat)
         handles: dict[str, Line2D] = {}
         for ax, axis in zip(panels, axes):
-            handles.update(plot_panel(ax, ok, task, axis))
+            handles.update(plot_panel(ax, ok, task, axis, cells))
             ax.set_xlabel(axis_label(ok[ok["task"] == task], axis))
             ax.set_ylabel(f"{_metric_name(ok, task)} (0–100)")
             ax.set_title(f"{names.task(task)}: {PANEL_TITLES[axis]}")
@@ -318,7 +378,7 @@ def task_figure(ok: pd.DataFrame, task: str, axes: Sequence[str] = DEFAULT_AXES,
 
 
 def grid_figure(ok: pd.DataFrame, axis: str = "flops_speedup", tasks: Sequence[str] | None = None,
-                size: str = "column"):
+                size: str = "column", cells: pd.DataFrame | None = None):
     """One panel per task on one speedup axis (2 panels a row at column width, up to 4 at page width)."""
     tasks = order_tasks(ok["task"].unique()) if tasks is None else list(tasks)
     with paper_rc(size):
@@ -327,7 +387,7 @@ def grid_figure(ok: pd.DataFrame, axis: str = "flops_speedup", tasks: Sequence[s
         fig, panels = _figure(size, nrows, ncols, 1.5 if size == "column" else 1.7)
         handles: dict[str, Line2D] = {}
         for ax, task in zip(panels.flat, tasks):
-            handles.update(plot_panel(ax, ok, task, axis))
+            handles.update(plot_panel(ax, ok, task, axis, cells))
             ax.set_title(f"{names.task(task)} ({_metric_name(ok, task)})")
         for ax in list(panels.flat)[len(tasks):]:
             ax.set_visible(False)
@@ -439,17 +499,19 @@ def make_all(ok: pd.DataFrame, out: Path, axes: Sequence[str] = DEFAULT_AXES, re
     `pareto.select`) into `out`. `reported`: the papers' points, drawn on their own panel of each
     task's figure (None: left out)."""
     written = []
+    cells = intervals(ok)
     for task in order_tasks(ok["task"].unique()):
-        written += save(task_figure(ok, task, axes, reported, size), out / task, formats, size)
-        written.append(write_caption(caption(ok, [task], axes, reported), out / task))
+        written += save(task_figure(ok, task, axes, reported, size, cells), out / task, formats, size)
+        written.append(write_caption(caption(ok, [task], axes, reported, cells), out / task))
     for axis in axes:
         stem = out / f"grid_{AXIS_SHORT[axis]}"
-        written += save(grid_figure(ok, axis, size=size), stem, formats, size)
-        written.append(write_caption(caption(ok, order_tasks(ok["task"].unique()), [axis]), stem))
+        written += save(grid_figure(ok, axis, size=size, cells=cells), stem, formats, size)
+        written.append(write_caption(caption(ok, order_tasks(ok["task"].unique()), [axis], cells=cells), stem))
     if {"flops_speedup", "wallclock_speedup_b1"} <= set(axes):
         written += save(flops_vs_wallclock_figure(ok, size), out / "flops_vs_wallclock", formats, size)
         written.append(write_caption(flops_vs_wallclock_caption(ok), out / "flops_vs_wallclock"))
     written += write_tables(ok, out, axes, max_drop)
+    written += U.write_verdict_tables(ok, out, max_drop=max_drop)
     return written
 
 

@@ -258,6 +258,52 @@ def differences_table(diffs: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def verdict_tables(ok: pd.DataFrame, against: str | None = "topk", max_drop: float = 1.0,
+                   n_resamples: int = N_RESAMPLES) -> dict[str, tuple[pd.DataFrame, str, pd.DataFrame]]:
+    """{name: (table for reading, its note, the full numbers)} for `cells`, `differences` (paired
+    against `against`; every pair when it is None or has no records) and `within`. Empty when no
+    record keeps per-example outputs."""
+    cells = cell_intervals(ok, n_resamples)
+    if cells.empty:
+        return {}
+    if against is not None and against not in set(ok["method"]):
+        against = None
+    diffs = paired_differences(ok, n_resamples, against=against)
+    within = speedup_within_drop(ok, max_drop, n_resamples)
+    versus = f"against {against}" if against else "between every two methods (a − b)"
+    return {
+        "cells": (cells_table(cells), f"Metric mean over seeds ± half-width of its {CONFIDENCE:.0%} interval (number of "
+                                      "seeds); two-level bootstrap over seeds and dev examples.", cells),
+        "differences": (differences_table(diffs) if not diffs.empty else pd.DataFrame(),
+                        f"Paired difference {versus} on the same seeds and dev examples, with its "
+                        f"{CONFIDENCE:.0%} interval; ▲/▼ better/worse beyond the interval.", diffs),
+        "within": (within.assign(speedup=[format_at(v, k) for v, k in zip(within["speedup"], within["kind"])],
+                                 lower_bound=[f"{v:.2f}×" for v in within["lower_bound"]])
+                   .set_index("method")[["task", "setting", "speedup", "lower_bound"]] if not within.empty else pd.DataFrame(),
+                   f"Largest FLOPs speedup within {max_drop:g} point(s) of the stronger reference, read off each "
+                   "method's frontier (`*` interpolated, `≥` a lower bound of the measured range), and its lower "
+                   f"{CONFIDENCE:.0%} bound over the resamples.", within),
+    }
+
+
+def write_verdict_tables(ok: pd.DataFrame, out: Path, against: str | None = "topk", max_drop: float = 1.0,
+                         n_resamples: int = N_RESAMPLES, echo: bool = False) -> list[Path]:
+    """`uncertainty_<name>.md` and `.csv` in `out` for each of `verdict_tables`; the paths written."""
+    written = []
+    for name, (table, note, frame) in verdict_tables(ok, against, max_drop, n_resamples).items():
+        if table.empty:
+            continue
+        text = to_markdown(table, note)
+        if echo:
+            print("\n" + text)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"uncertainty_{name}.md").write_text(text)
+            frame.to_csv(out / f"uncertainty_{name}.csv", index=False)
+            written += [out / f"uncertainty_{name}.md", out / f"uncertainty_{name}.csv"]
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -276,36 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = int(ok["examples"].isna().sum()) if "examples" in ok else len(ok)
     if missing:
         print(f"{missing} records keep no per-example outputs (older runs) and are left out of the intervals.")
-    cells = cell_intervals(ok, args.resamples)
-    if cells.empty:
+    if _with_examples(ok).empty:
         print("No records with per-example outputs: run the jobs with this version of tokenprune.")
         return 1
-    diffs = paired_differences(ok, args.resamples, against=args.against)
-    within = speedup_within_drop(ok, args.max_drop, args.resamples)
-    tables = {
-        "cells": (cells_table(cells), f"Metric mean over seeds ± half-width of its {CONFIDENCE:.0%} interval (number of "
-                                      "seeds); two-level bootstrap over seeds and dev examples."),
-        "differences": (differences_table(diffs) if not diffs.empty else pd.DataFrame(),
-                        f"Paired difference against {args.against} on the same seeds and dev examples, with its "
-                        f"{CONFIDENCE:.0%} interval; ▲/▼ better/worse beyond the interval."),
-        "within": (within.assign(speedup=[format_at(v, k) for v, k in zip(within["speedup"], within["kind"])],
-                                 lower_bound=[f"{v:.2f}×" for v in within["lower_bound"]])
-                   .set_index("method")[["task", "setting", "speedup", "lower_bound"]] if not within.empty else pd.DataFrame(),
-                   f"Largest FLOPs speedup within {args.max_drop:g} point(s) of the stronger reference, read off each "
-                   "method's frontier (`*` interpolated, `≥` a lower bound of the measured range), and its lower "
-                   f"{CONFIDENCE:.0%} bound over the resamples."),
-    }
-    for name, (table, note) in tables.items():
-        if table.empty:
-            continue
-        text = to_markdown(table, note)
-        print("\n" + text)
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / f"uncertainty_{name}.md").write_text(text)
-    if args.out:
-        for name, frame in (("cells", cells), ("differences", diffs), ("within", within)):
-            frame.to_csv(Path(args.out) / f"uncertainty_{name}.csv", index=False)
+    write_verdict_tables(ok, Path(args.out) if args.out else None, args.against, args.max_drop, args.resamples, echo=True)
     return 0
 
 

@@ -118,3 +118,36 @@ def test_the_command_prints_intervals_and_paired_differences(two_methods, tmp_pa
     assert "± " in printed and "(3)" in printed  # mean ± half-width (seeds)
     assert "+5.0 [" in printed and "▲" in printed  # a beats b beyond the interval
     assert (tmp_path / "out" / "uncertainty_cells.md").is_file() and (tmp_path / "out" / "uncertainty_differences.csv").is_file()
+
+
+def test_figures_draw_the_bootstrap_interval_and_say_so(two_methods, tmp_path):
+    """A Pareto panel's error bars are the cell's 95% interval (not ±1 std) when the records keep their
+    examples, each frontier of several points gets a band, the caption says which spread is drawn, and
+    make_all writes the verdict tables beside the figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from analysis import figures
+
+    for seed in (1, 2, 3):  # a second target for a, so its frontier has two points and a band
+        rng = np.random.default_rng(seed)
+        same = results.read_examples(two_methods / f"a{seed}" / "result.json")  # the seed's examples
+        label, idx = same["label"].to_numpy(), same["idx"].to_numpy()
+        prediction = np.where(rng.random(400) < 0.75, label, 1 - label)
+        write_record(two_methods, f"a3x{seed}", "a", seed, 3.0, prediction, same["baseline_prediction"].to_numpy(), label, idx)
+    ok = pareto.usable(two_methods).ok
+    cells = figures.intervals(ok, n_resamples=200)
+    a2 = cells[(cells.method == "a") & (cells.speedup_target == 2.0)].iloc[0]
+    fig, ax = matplotlib.pyplot.subplots()
+    figures.plot_panel(ax, ok, "sst2", "flops_speedup", cells)
+    bars = [c for c in ax.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]
+    spans = [seg for c in bars for seg in c.lines[2][-1].get_segments()]  # the vertical error bars
+    assert any(s[0][1] == pytest.approx(a2.lo) and s[1][1] == pytest.approx(a2.hi) for s in spans)
+    assert any(isinstance(c, matplotlib.collections.PolyCollection) for c in ax.collections)  # the band
+    text = figures.caption(ok, ["sst2"], ["flops_speedup"], cells=cells)
+    assert "95% interval" in text and "±1 std" not in text
+    assert "±1 std" in figures.caption(ok, ["sst2"], ["flops_speedup"], cells=None)
+    written = figures.make_all(ok, tmp_path / "figs", axes=("flops_speedup",), formats=("png",))
+    names = {p.name for p in written}
+    assert {"uncertainty_cells.md", "uncertainty_differences.md", "sst2.png"} <= names
+    assert "95% interval" in (tmp_path / "figs" / "sst2.caption.txt").read_text()
