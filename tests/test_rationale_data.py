@@ -108,7 +108,8 @@ def write_eraser(folder: Path) -> None:
 def test_eraser_reader_gives_labels_texts_and_rationale_tokens(tmp_path, tokenizer):
     write_eraser(tmp_path / "movies")
     task = task_cfg("movies", dir=str(tmp_path / "movies"))
-    splits = load_splits(task, OmegaConf.create({"source": "local", "root": str(tmp_path / "absent")}),
+    # an ERASER folder is read from its path whatever data.source says
+    splits = load_splits(task, OmegaConf.create({"source": "hub", "root": str(tmp_path / "absent")}),
                          budget(max_calib=4), seed=1)
     assert {k: len(v) for k, v in splits.items()} == {"train": 8, "calib": 4, "dev": 4}
     dev = encode(splits["dev"], tokenizer, 512)
@@ -119,7 +120,7 @@ def test_eraser_reader_gives_labels_texts_and_rationale_tokens(tmp_path, tokeniz
     assert gold == ["is", "wonderful", "wonderful"]
     assert row["rationale_tokens"] == [7, 8, 10]  # [CLS] first
     inputs = job_inputs(OmegaConf.create({"cache_dir": str(tmp_path / "cache"), "task": OmegaConf.to_container(task),
-                                          "data": {"source": "local", "root": str(tmp_path / "absent")},
+                                          "data": {"source": "hub", "root": str(tmp_path / "absent")},
                                           "model": {"name": "tiny", "path": None, "tokenizer": None, "init": "random"}}))
     assert set(inputs["data"]) == {"train", "dev", "docs"} and all(inputs["data"].values())
 

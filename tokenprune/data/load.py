@@ -91,7 +91,7 @@ def load_splits(
         raw = synthetic.generate_splits(task)
     elif data.source == "hub" and task.format != "eraser":  # ERASER: always a local folder
         raw = {split: _read_hub_split(task, split) for split in _hub_splits(task)}
-    elif data.source == "local":
+    elif data.source == "local" or task.format == "eraser":
         raw = {split: read_split(task, data, split) for split in task.files}
     else:
         raise UserError(f"data.source must be 'local' or 'hub', not {data.source!r}.")
