@@ -68,7 +68,14 @@ def test_needle_labels_follow_the_keyword_and_its_modifier(tokenizer):
     assert 70 < negated < 130 and 70 < distracted < 130
 
 
+def test_without_distractors_every_not_is_a_modifier(tokenizer):
+    dev = generate_splits(small_needle(distractor=0))["dev"]
+    for text, spans in zip(dev["text_a"], dev["rationale"]):
+        assert text.split().count(MODIFIER) == len(spans) - 1
+
+
 @pytest.mark.parametrize("change, says", [
+    ({"synthetic": {"distractor": 1.5}}, "task.synthetic.distractor=1.5"),
     ({"synthetic": {"dev": 0}}, "task.synthetic.dev=0"),
     ({"synthetic": {"max_tokens": 32}}, "task.synthetic.max_tokens=32"),
     ({"synthetic": {"max_tokens": 600}}, "exceeds its max_length=512"),

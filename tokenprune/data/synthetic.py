@@ -3,17 +3,19 @@
 Each example is a run of filler words (common, sentiment-free English words) in which one keyword
 decides the label: a positive keyword ("good", "great", ...) makes it positive, a negative one
 ("bad", "awful", ...) negative, and the modifier "not" right before the keyword flips it ("not good"
-is negative). Half of the examples carry the modifier; half of all examples also carry a distractor
-"not" elsewhere, at least three words away from the keyword, which flips nothing. So neither the
-keyword alone nor the presence of "not" decides the label: the model has to see the keyword and the
-word before it together, which a token dropped in the first layers cannot give it.
+is negative). Half of the examples carry the modifier; a share of all examples (`distractor`) also
+carries a distractor "not" elsewhere, at least three words away from the keyword, which flips
+nothing. So the keyword alone never decides the label, and with distractors the presence of "not"
+does not either: the model has to see the keyword and the word before it together, which a token
+dropped in the first layers cannot give it.
 
 The gold rationale of an example is the keyword and, when present, its modifier, given as character
 spans [start, end) of `text_a`; `collate.encode` maps them onto token positions. Every word of the
 vocabularies below is one token of the BERT uncased vocabulary, so an example of w words has w + 2
 tokens ([CLS] and [SEP] included), and its length is drawn uniformly in the task's token range.
 
-Everything comes from the task config (`task.synthetic`: sizes, token range, seed, version): the
+Everything comes from the task config (`task.synthetic`: sizes, token range, distractor share, seed,
+version): the
 same config gives the same examples on every machine, and no file is read.
 """
 
@@ -42,8 +44,8 @@ FILLER = (
 SPECIAL_TOKENS = 2  # [CLS] and [SEP]: the token count is the word count plus these
 SPLITS = ("train", "dev")
 FIELDS = {"train": "a positive number of examples", "dev": "a positive number of examples",
-          "min_tokens": "an integer >= 8", "max_tokens": "an integer >= min_tokens", "seed": "an integer",
-          "version": "an integer"}
+          "min_tokens": "an integer >= 8", "max_tokens": "an integer >= min_tokens",
+          "distractor": "a number in [0, 1]", "seed": "an integer", "version": "an integer"}
 
 
 def check_spec(task: DictConfig) -> None:
@@ -51,10 +53,12 @@ def check_spec(task: DictConfig) -> None:
     spec = task.get("synthetic")
     if spec is None:
         raise UserError(f"task {task.name} has format: synthetic but no synthetic block: add synthetic: "
-                        "{train, dev, min_tokens, max_tokens, seed, version} (see conf/task/needle.yaml).")
+                        "{train, dev, min_tokens, max_tokens, distractor, seed, version} (see conf/task/needle.yaml).")
     for key, expected in FIELDS.items():
         value = spec.get(key)
         ok = isinstance(value, int) and not isinstance(value, bool)
+        if key == "distractor":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
         if ok and key in ("train", "dev"):
             ok = value > 0
         if ok and key == "min_tokens":
@@ -78,7 +82,7 @@ def generate_splits(task: DictConfig) -> dict[str, datasets.Dataset]:
             for i, split in enumerate(SPLITS)}
 
 
-def example(rng: np.random.Generator, n_words: int) -> tuple[list[str], int, list[int]]:
+def example(rng: np.random.Generator, n_words: int, distractor: float = 0.5) -> tuple[list[str], int, list[int]]:
     """(words, label, positions of the deciding words) of one example of `n_words` words."""
     words = list(rng.choice(FILLER, size=n_words))
     positive = bool(rng.integers(2))
@@ -90,7 +94,7 @@ def example(rng: np.random.Generator, n_words: int) -> tuple[list[str], int, lis
     if negated:
         words[at - 1] = MODIFIER
         rationale.insert(0, at - 1)
-    if rng.integers(2):
+    if rng.random() < distractor:
         # a distractor modifier, at least 3 words from the keyword: it modifies a filler word
         far = [i for i in range(n_words) if abs(i - at) >= 3]
         words[int(rng.choice(far))] = MODIFIER
@@ -102,7 +106,7 @@ def _dataset(task: DictConfig, n: int, rng: np.random.Generator) -> datasets.Dat
     texts, labels, spans = [], [], []
     for _ in range(n):
         n_words = int(rng.integers(spec.min_tokens, spec.max_tokens + 1)) - SPECIAL_TOKENS
-        words, label, rationale = example(rng, n_words)
+        words, label, rationale = example(rng, n_words, float(spec.distractor))
         starts = np.cumsum([0] + [len(w) + 1 for w in words[:-1]])
         texts.append(" ".join(words))
         labels.append(label)
