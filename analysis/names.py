@@ -6,6 +6,7 @@ from __future__ import annotations
 TASKS = {
     "cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B", "qnli": "QNLI", "mnli": "MNLI",
     "qqp": "QQP", "wnli": "WNLI", "imdb": "IMDB", "news20": "20 Newsgroups", "hyperpartisan": "Hyperpartisan",
+    "needle": "Needle", "movies": "Movie Reviews",
 }
 METHODS = {
     "bert": "Full model", "topk": "Top-k attention", "trbert": "TR-BERT", "adapler": "AdapLeR",

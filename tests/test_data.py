@@ -568,5 +568,5 @@ def test_files_the_suite_cannot_read_get_one_sentence(tmp_path):
     del incomplete["labels"], incomplete["metric"]
     with pytest.raises(UserError, match=r"task reviews has no labels, metric: add them to its YAML file"):
         load_splits(incomplete, local(), budget(), 0)
-    with pytest.raises(UserError, match=r"task.format of task reviews must be one of tsv, csv, jsonl, hf, not 'xlsx'"):
+    with pytest.raises(UserError, match=r"task.format of task reviews must be one of tsv, csv, jsonl, hf, eraser, synthetic, not 'xlsx'"):
         load_splits(own_task(tmp_path, {"train": "x.xlsx"}, format="xlsx"), local(), budget(), 0)

@@ -23,13 +23,16 @@ Two modes, same decisions:
             last state back to its original position, giving a full-length output.
 
 Every forward returns the logits and a `Trace`: per example, the real tokens entering each layer's
-attention and FFN, and the FLOPs the policy's own selector spent (see flops.py).
+attention and FFN, and the FLOPs the policy's own selector spent (see flops.py). An optional
+`on_layer(layer, positions, alive)` callback sees, at every layer, which original positions are
+still alive after that layer's decisions (entering its FFN), e.g. for rationale agreement.
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -257,6 +260,7 @@ class PrunableEncoder(nn.Module):
         mode: str = "gather",
         restore: bool = False,
         attention: str = "sdpa",
+        on_layer: Callable[[int, Tensor, Tensor], None] | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -269,6 +273,7 @@ class PrunableEncoder(nn.Module):
         self.mode = mode
         self.restore = restore
         self.attention = attention
+        self.on_layer = on_layer  # observer: (layer, positions B×n, alive B×n) after the layer's decisions
         self.training = model.training  # start in the model's mode (a new Module would say "train")
 
     @property
@@ -319,6 +324,8 @@ class PrunableEncoder(nn.Module):
                 if decision is not None:
                     h = self._apply_decision(tokens, decision, h, hidden)
             ffn_counts.append(tokens.counts)
+            if self.on_layer is not None:
+                self.on_layer(i, tokens.positions, tokens.alive)
             out = self._ffn(layer, h)
             if not gather and tokens.dropped:
                 # mask mode: a dropped token keeps its last complete state, as restore does after a gather

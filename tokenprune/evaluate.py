@@ -6,8 +6,9 @@ record's FLOPs fields and the speedup against the full backbone.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -39,10 +40,13 @@ def run_eval(
     device: torch.device | str,
     mode: str = "gather",
     progress: bool | None = None,
+    on_layer: Callable[[dict, int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> EvalResult:
     """Evaluate `model` with `policy` over dict batches (`input_ids`, `attention_mask`,
     `token_type_ids`, `labels`, `idx`) under inference mode. The model and policy are put in eval
-    mode and given back in the mode they were in. progress: None shows a bar on a terminal only."""
+    mode and given back in the mode they were in. progress: None shows a bar on a terminal only.
+    on_layer(batch, layer, positions, alive): called at every layer of every batch with the original
+    positions still alive after that layer's decisions (`PrunableEncoder`'s `on_layer`)."""
     encoder = PrunableEncoder(model, policy, mode=mode)
     was_training = encoder.training
     encoder.eval()
@@ -55,6 +59,8 @@ def run_eval(
                 types = batch.get("token_type_ids")
                 mask = None if mask is None else mask.to(device)
                 types = None if types is None else types.to(device)
+                if on_layer is not None:
+                    encoder.on_layer = functools.partial(on_layer, batch)
                 out = encoder(ids, mask, types)
                 logits.append(out.logits.float().cpu())
                 attn.append(out.trace.attn_tokens.cpu())

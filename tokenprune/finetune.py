@@ -30,7 +30,7 @@ def backbone_key(cfg: DictConfig) -> dict:
         "task": {
             **{k: task.get(k) for k in ("name", "format", "files", "header", "columns", "labels", "max_length", "dev_from_train", "hub")},
             # fields added later enter the key only when true, so that older cache entries stay valid
-            **{k: task[k] for k in ("group_by_length", "calib_whole_inputs") if task.get(k)},
+            **{k: task[k] for k in ("group_by_length", "calib_whole_inputs", "synthetic") if task.get(k)},
         },
         "data_source": cfg.data.source,
         "budget": {k: cfg.budget[k] for k in ("max_train", "max_calib", "finetune_epochs")},

@@ -14,6 +14,7 @@ identified by their names, which the config already holds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -98,11 +99,14 @@ def _folder_hashes(folder: str | None, memo_file: Path, weights: bool) -> dict[s
 def job_inputs(cfg: DictConfig, splits: tuple[str, ...] | None = None) -> dict:
     """The content behind a job's config: {data: {split: hash}, tokenizer: {file: hash}, weights:
     {file: hash}} (None where it comes from the hub, or for a random init). `splits`: only these
-    splits' data files (None: every file the task reads). A missing data file hashes to None: loading
+    splits' data files (None: every file the task reads); an ERASER folder's docs/ adds one hash over
+    its files' hashes; a synthetic task has data None (its config holds everything). A missing data file hashes to None: loading
     it says what to do."""
     memo_file = Cache(cfg.cache_dir).root / MEMO_NAME
     data = None
-    if cfg.data.source == "local" and not cfg.task.get("suite"):
+    fmt = cfg.task.get("format")
+    # a synthetic task's config holds everything it is made from; an ERASER folder is always local
+    if (cfg.data.source == "local" or fmt == "eraser") and not cfg.task.get("suite") and fmt != "synthetic":
         data = {}
         for split in splits or list(cfg.task.files):
             path = split_file(cfg.task, cfg.data, split)
@@ -111,6 +115,13 @@ def job_inputs(cfg: DictConfig, splits: tuple[str, ...] | None = None) -> dict:
                                for f in sorted(path.rglob("*")) if f.is_file()}
             else:
                 data[split] = file_hash(path, memo_file) if path.is_file() else None
+        docs = split_file(cfg.task, cfg.data, "train").parent / "docs"
+        if fmt == "eraser" and docs.is_dir():  # its documents: one hash over each file's hash
+            digest = hashlib.sha256()
+            for f in sorted(docs.iterdir()):
+                if f.is_file():
+                    digest.update(f"{f.name}\t{file_hash(f, memo_file)}\n".encode())
+            data["docs"] = digest.hexdigest()
     return {
         "data": data,
         "tokenizer": _folder_hashes(tokenizer_source(cfg.model), memo_file, weights=False),

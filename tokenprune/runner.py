@@ -2,8 +2,8 @@
 
 config checks → data → the fine-tuned backbone (cached) → method.fit(target) →
 method.calibrate(target) → evaluation on dev (metric, FLOPs from the tokens each layer really
-processed, wall clock against the full backbone in the same process) → one result record, mirrored
-to W&B.
+processed, wall clock against the full backbone in the same process; on a task with gold rationales,
+the agreement of the kept tokens with them, per layer) → one result record, mirrored to W&B.
 
 Whatever happens, the job ends with a whole record: `ok`, `skipped` (cannot run here; says how to
 get what is missing) or `failed` (the error and, for bugs, the traceback).
@@ -33,6 +33,7 @@ from tokenprune.methods.base import split_loader
 from tokenprune.methods.toolbox import Phases
 from tokenprune.models import load_tokenizer, resolve_device
 from tokenprune.provenance import DETERMINISM, git_commit, hardware, now, set_threads, versions
+from tokenprune.rationale import agreement_for
 from tokenprune.resume import finished_record, remember
 from tokenprune.tracking import make_tracker
 
@@ -136,7 +137,8 @@ def run_pipeline(cfg: DictConfig, tracker) -> tuple[dict, dict]:
 
     dev_loader = job.loader("dev")
     with timed(times, "evaluate"):
-        result = run_eval(model, policy, dev_loader, device, mode="gather")
+        agreement = agreement_for(splits["dev"], tokenizer, model.config.num_hidden_layers)
+        result = run_eval(model, policy, dev_loader, device, mode="gather", on_layer=agreement)
         baseline = result if (policy is None and model is backbone) else run_eval(backbone, None, dev_loader, device)
     metric_name, metric, metrics = score(cfg.task, result)
     baseline_metric = score(cfg.task, baseline)[1]
@@ -182,6 +184,7 @@ def run_pipeline(cfg: DictConfig, tracker) -> tuple[dict, dict]:
         "throughput_speedup": timing_fields.get("throughput_speedup"),
         "timing": timing_fields or None,
         "n_eval": len(result.labels),
+        "rationale": agreement and agreement.summary(),  # tasks with gold rationales: agreement per layer
         "method_info": {"knob": knob, "phases": phases.record, "finetune": finetune_info,
                         "retrained_steps": method.retrained_steps,
                         "control": control_info and {"steps": method.retrained_steps,

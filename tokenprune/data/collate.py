@@ -20,11 +20,14 @@ def encode(ds: datasets.Dataset, tokenizer: Any, max_length: int, pair: bool | N
     """Add `input_ids`, `token_type_ids`, `labels` and `length` (real tokens, [CLS]/[SEP] included).
 
     Texts are truncated to `max_length` (pairs: `longest_first`). `pair=None` infers from the data:
-    a pair task is one with any non-empty `text_b`.
+    a pair task is one with any non-empty `text_b`. A split with gold rationales (a `rationale`
+    column of character spans of `text_a`) also gets `rationale_tokens`: the positions of the tokens
+    of text_a that overlap a span (a span cut off by truncation loses its tokens).
     """
     if pair is None:
         pair = any(ds["text_b"])
     regression = ds.features["label"].dtype.startswith("float")
+    rationales = "rationale" in ds.column_names
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         enc = tokenizer(
@@ -34,19 +37,28 @@ def encode(ds: datasets.Dataset, tokenizer: Any, max_length: int, pair: bool | N
             max_length=max_length,
             return_token_type_ids=True,
             return_attention_mask=False,
+            return_offsets_mapping=rationales,
         )
-        return {
+        out = {
             "input_ids": enc["input_ids"],
             "token_type_ids": enc["token_type_ids"],
             "labels": batch["label"],
             "length": [len(ids) for ids in enc["input_ids"]],
         }
+        if rationales:
+            out["rationale_tokens"] = [
+                rationale_positions(enc.sequence_ids(i), offsets, spans)
+                for i, (offsets, spans) in enumerate(zip(enc["offset_mapping"], batch["rationale"]))
+            ]
+        return out
 
     features = ds.features.copy()
     features["input_ids"] = _List(datasets.Value("int32"))
     features["token_type_ids"] = _List(datasets.Value("int8"))
     features["labels"] = datasets.Value("float32" if regression else "int64")
     features["length"] = datasets.Value("int32")
+    if rationales:
+        features["rationale_tokens"] = _List(datasets.Value("int32"))
     quiet = len(ds) < _QUIET_BELOW and datasets.is_progress_bar_enabled()
     if quiet:
         datasets.disable_progress_bars()
@@ -55,6 +67,12 @@ def encode(ds: datasets.Dataset, tokenizer: Any, max_length: int, pair: bool | N
     finally:
         if quiet:
             datasets.enable_progress_bars()
+
+
+def rationale_positions(sequence_ids: list, offsets: list, spans: list) -> list[int]:
+    """Positions of the tokens of the first text whose characters overlap one of `spans` ([start, end))."""
+    return [i for i, (seq, (start, end)) in enumerate(zip(sequence_ids, offsets))
+            if seq == 0 and end > start and any(start < s_end and end > s_start for s_start, s_end in spans)]
 
 
 def collate(batch: dict[str, list], pad_token_id: int = 0) -> dict[str, torch.Tensor]:

@@ -8,6 +8,9 @@ Local formats (`task.format`): `tsv` (tab-separated, quoting off: GLUE's text ho
 `csv` (comma-separated, quoted fields), each with a header line or without one (`task.header`);
 `jsonl` (one JSON object per line); and `hf`, a folder written by `datasets`' `save_to_disk`. A
 `*.gz` text file is gunzipped. `task.dir` is a folder under `data.root`, or any absolute path.
+Two formats also give each example its gold rationale (an extra column `rationale`: character
+spans of `text_a`): `eraser`, a folder in the ERASER format (`data/eraser.py`), and `synthetic`, the
+needle task generated from its config alone, no file read (`data/synthetic.py`).
 
 `load_splits` then makes the job's splits:
 
@@ -39,15 +42,20 @@ import numpy as np
 from omegaconf import DictConfig
 
 from tokenprune import hub as hf_hub
+from tokenprune.data import synthetic
+from tokenprune.data.eraser import read_eraser_split
 from tokenprune.errors import SkipJob, UserError
 
 log = logging.getLogger(__name__)
 
 # Salts that give each sampling step its own random stream for the same job seed.
 _CALIB, _TRAIN, _DEV = 1, 2, 3
-FORMATS = ("tsv", "csv", "jsonl", "hf")
+FORMATS = ("tsv", "csv", "jsonl", "hf", "eraser", "synthetic")
 # The fields every task declares; the others have defaults (header: true, the rest null or false).
 REQUIRED_FIELDS = ("name", "dir", "format", "files", "columns", "labels", "metric", "max_length")
+# ERASER folders name their own columns; a synthetic task has no files at all (its `synthetic` block)
+FORMAT_FIELDS = {"eraser": ("name", "dir", "format", "files", "labels", "metric", "max_length"),
+                 "synthetic": ("name", "format", "synthetic", "labels", "metric", "max_length")}
 DEV_CUT = {"fraction": 0.1, "seed": 0}  # dev cut out of train when the data has no dev split
 
 
@@ -79,9 +87,11 @@ def load_splits(
             "or pick one of its tasks."
         )
     check_task(task)
-    if data.source == "hub":
+    if task.format == "synthetic":  # generated from the config: data.source and data.root play no part
+        raw = synthetic.generate_splits(task)
+    elif data.source == "hub" and task.format != "eraser":  # ERASER: always a local folder
         raw = {split: _read_hub_split(task, split) for split in _hub_splits(task)}
-    elif data.source == "local":
+    elif data.source == "local" or task.format == "eraser":
         raw = {split: read_split(task, data, split) for split in task.files}
     else:
         raise UserError(f"data.source must be 'local' or 'hub', not {data.source!r}.")
@@ -133,7 +143,7 @@ def split_file(task: DictConfig, data: DictConfig, split: str) -> Path:
 
 def check_task(task: DictConfig) -> None:
     """A task config (ours, or a user's own) has what loading needs; else one sentence says what to add."""
-    missing = [k for k in REQUIRED_FIELDS if k not in task]
+    missing = [k for k in FORMAT_FIELDS.get(task.get("format"), REQUIRED_FIELDS) if k not in task]
     if missing:
         raise UserError(
             f"task {task.get('name', '?')} has no {', '.join(missing)}: add {'them' if len(missing) > 1 else 'it'} to its "
@@ -141,9 +151,12 @@ def check_task(task: DictConfig) -> None:
         )
     if task.format not in FORMATS:
         raise UserError(f"task.format of task {task.name} must be one of {', '.join(FORMATS)}, not {task.format!r}.")
+    if task.format == "synthetic":
+        synthetic.check_spec(task)
+        return
     if "train" not in task.files:
         raise UserError(f"task.files of task {task.name} has no train file: give files: {{train: <file>, dev: <file>}}.")
-    for key in ("text_a", "label"):
+    for key in ("text_a", "label") if task.format != "eraser" else ():
         if task.columns.get(key) is None:
             raise UserError(f"task.columns of task {task.name} has no {key}: say which column holds it.")
 
@@ -159,6 +172,8 @@ def read_split(task: DictConfig, data: DictConfig, split: str) -> datasets.Datas
             "environment variable) to the folder with the task data, or use data.source=hub."
         )
     path = split_file(task, data, split)
+    if task.format == "eraser":  # a user's folder: its own sentence when it is not there
+        return read_eraser_split(task, root / own_folder, split)
     if not path.exists():
         if split == "train" and task.get("missing_train"):
             raise SkipJob(task.missing_train.format(path=path))
