@@ -28,14 +28,13 @@ attention and FFN, and the FLOPs the policy's own selector spent (see flops.py).
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenprune.errors import UserError
+from tokenprune.backbones import Family, LayerParts, family_of
 
 MODES = ("mask", "gather")
 ATTENTIONS = ("sdpa", "eager")
@@ -126,42 +125,14 @@ class EncoderOutput:
 
 
 def backbone_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(base model with embeddings/encoder.layer/pooler, classifier) of a BERT-style classifier."""
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    classifier = getattr(model, "classifier", None)
-    if base is None or not hasattr(base, "embeddings") or layers is None or not isinstance(classifier, nn.Linear):
-        raise _not_bert_style(model)
-    return base, classifier
-
-
-# What the loop calls in each layer (`_attention`, `_ffn`) and on the model besides `backbone_parts`.
-LAYER_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.self.dropout",
-               "attention.self.num_attention_heads", "attention.self.attention_head_size",
-               "attention.output.dense", "attention.output.dropout", "attention.output.LayerNorm",
-               "intermediate.dense", "intermediate.intermediate_act_fn", "output.dense", "output.dropout",
-               "output.LayerNorm")
+    """(base model, classifier) of a supported *ForSequenceClassification model (see backbones.py)."""
+    return family_of(model).base(model), model.classifier
 
 
 def check_runnable(model: nn.Module) -> None:
-    """Raise a UserError for a model this loop cannot run: `backbone_parts` plus every part it calls in
-    a layer. Cheap on a model built on the meta device (no weights)."""
-    base, _ = backbone_parts(model)
-    for layer in base.encoder.layer:
-        for part in LAYER_PARTS:
-            try:
-                operator.attrgetter(part)(layer)
-            except AttributeError:
-                raise _not_bert_style(model) from None
-    if not hasattr(model, "dropout") or not hasattr(base, "pooler"):
-        raise _not_bert_style(model)
-
-
-def _not_bert_style(model: nn.Module) -> UserError:
-    return UserError(
-        f"PrunableEncoder runs BERT-style *ForSequenceClassification models (embeddings, encoder.layer, "
-        f"pooler, linear classifier), and {type(model).__name__} is not one: choose a BERT-family model."
-    )
+    """Raise a UserError for a model this loop cannot run (an architecture without a family adapter,
+    or one missing a part the loop calls). Cheap on a model built on the meta device (no weights)."""
+    family_of(model)
 
 
 class _Tokens:
@@ -242,7 +213,7 @@ class _Tokens:
 
 
 class PrunableEncoder(nn.Module):
-    """A HF BERT-style *ForSequenceClassification model run by our own layer loop, with a token policy.
+    """A HF *ForSequenceClassification model of a supported family (BERT, RoBERTa, DistilBERT) run by our own layer loop, with a token policy.
 
     embeddings → layers (with the policy's decisions) → pooler → dropout → classifier: the model's
     own head, so logits are the model's (C = 1: a regression head). `attention="eager"` computes every
@@ -263,7 +234,7 @@ class PrunableEncoder(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, not {attention!r}")
-        backbone_parts(model)  # fail early on a model this loop cannot run
+        self.family: Family = family_of(model)  # fail early on a model this loop cannot run
         self.model = model  # the one registered copy of its weights (state_dict and parameters)
         self.policy = policy
         self.mode = mode
@@ -273,11 +244,11 @@ class PrunableEncoder(nn.Module):
 
     @property
     def base(self) -> nn.Module:
-        return backbone_parts(self.model)[0]
+        return self.family.base(self.model)
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.base.encoder.layer
+        return self.family.layers(self.model)
 
     @property
     def num_layers(self) -> int:
@@ -292,8 +263,8 @@ class PrunableEncoder(nn.Module):
         B, N = input_ids.shape
         alive = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         lengths = alive.sum(1)
-        base, classifier = backbone_parts(self.model)
-        hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        family = self.family
+        hidden = family.embed(self.model, input_ids, alive, token_type_ids)
         tokens = _Tokens(alive, lengths, hidden.dtype)
         policy, gather = self.policy, self.mode == "gather"
 
@@ -305,7 +276,8 @@ class PrunableEncoder(nn.Module):
             policy.start(tokens.state(0, hidden, self.mode))
 
         attn_counts, ffn_counts = [], []
-        for i, layer in enumerate(base.encoder.layer):
+        layers = [family.parts(layer) for layer in family.layers(self.model)]
+        for i, layer in enumerate(layers):
             if policy is not None:
                 decision = policy.before_layer(i, tokens.state(i, hidden, self.mode))
                 if decision is not None:
@@ -325,11 +297,10 @@ class PrunableEncoder(nn.Module):
                 out = torch.where(tokens.alive[..., None], out, hidden)
             hidden = out
 
-        pooled = base.pooler(hidden) if base.pooler is not None else hidden[:, 0]
-        logits = classifier(self.model.dropout(pooled))
+        logits = family.head(self.model, hidden)
 
         if policy is None:  # nothing can have changed: the counts are the lengths
-            attn = ffn = lengths[:, None].expand(B, len(base.encoder.layer))
+            attn = ffn = lengths[:, None].expand(B, len(layers))
         else:
             attn, ffn = torch.stack(attn_counts, 1), torch.stack(ffn_counts, 1)
         trace = Trace(attn, ffn, tokens.selector_flops, lengths)
@@ -371,14 +342,13 @@ class PrunableEncoder(nn.Module):
         return hidden
 
     def _attention(
-        self, layer: nn.Module, x: Tensor, tokens: _Tokens, need_probs: bool
+        self, layer: LayerParts, x: Tensor, tokens: _Tokens, need_probs: bool
     ) -> tuple[Tensor, Tensor | None]:
-        sa, out = layer.attention.self, layer.attention.output
         B, n, _ = x.shape
-        heads, head_dim = sa.num_attention_heads, sa.attention_head_size
-        q = sa.query(x).view(B, n, heads, head_dim).transpose(1, 2)
-        k = sa.key(x).view(B, n, heads, head_dim).transpose(1, 2)
-        v = sa.value(x).view(B, n, heads, head_dim).transpose(1, 2)
+        heads, head_dim = layer.heads, layer.head_dim
+        q = layer.query(x).view(B, n, heads, head_dim).transpose(1, 2)
+        k = layer.key(x).view(B, n, heads, head_dim).transpose(1, 2)
+        v = layer.value(x).view(B, n, heads, head_dim).transpose(1, 2)
         scale = head_dim**-0.5
         probs = None
         if need_probs or self.attention == "eager":
@@ -390,16 +360,14 @@ class PrunableEncoder(nn.Module):
                 probs = scores.softmax(-1)
             else:  # in place: one B×H×n×n buffer, not two (big transient buffers cost page faults on CPU)
                 probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
-            context = torch.matmul(sa.dropout(probs), v)
+            context = torch.matmul(layer.attn_dropout(probs), v)
         else:
-            p = sa.dropout.p if sa.dropout.training else 0.0  # the layer's own mode, as its dropout modules
+            p = layer.attn_dropout.p if layer.attn_dropout.training else 0.0  # the layer's own mode, as its dropout modules
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.sdpa_mask(), dropout_p=p, scale=scale)
         context = context.transpose(1, 2).reshape(B, n, heads * head_dim)
-        h = out.LayerNorm(out.dropout(out.dense(context)) + x)
+        h = layer.attn_norm(layer.attn_out_dropout(layer.attn_out(context)) + x)
         return h, (probs if need_probs else None)
 
     @staticmethod
-    def _ffn(layer: nn.Module, h: Tensor) -> Tensor:
-        inter = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(h))
-        out = layer.output
-        return out.LayerNorm(out.dropout(out.dense(inter)) + h)
+    def _ffn(layer: LayerParts, h: Tensor) -> Tensor:
+        return layer.ffn_norm(layer.ffn_dropout(layer.ffn_out(layer.act(layer.ffn_in(h)))) + h)
