@@ -9,7 +9,8 @@ at two points of every layer i:
                                          before its FFN, from that layer's attention probabilities
                                          (PoWER-BERT, LTP, LAT).
 
-Both return a `Decision` or None. A decision can be hard (`keep`, a bool B×n mask) or soft: an
+Both return a `Decision` or None. A decision can be hard (`keep`, a bool B×n mask), a merge (`merge`:
+the slot each token folds into, ToMe/PiToMe; gather mode only) or soft: an
 additive log-mask on the attention logits of keys (`key_logmask`, accumulated over the rest of the
 forward) and/or a multiplicative mask on the hidden states (`hidden_scale`, applied once, there).
 [CLS] is always kept: hard decisions never drop it and soft masks leave it untouched.
@@ -21,6 +22,13 @@ Two modes, same decisions:
             order ([CLS] at index 0); rows shorter than the batch's longest kept count are padded and
             masked. Padding never survives a gather. `restore=True` scatters every dropped token's
             last state back to its original position, giving a full-length output.
+
+Merging (ToMe's bipartite merge, decided by the policy, applied here): every token folded into another
+is removed and its destination becomes the size-weighted average of itself and what it absorbed;
+sizes add up and every later attention adds log(size) to each key's logits (proportional attention),
+so a merged token counts as the tokens it stands for. Each example merges its own tokens; padding and
+[CLS] never take part. With `restore=True` a merged-away token's position gets the final state of the
+token it was folded into (ToMe's unmerge by sources).
 
 Every forward returns the logits and a `Trace`: per example, the real tokens entering each layer's
 attention and FFN, and the FLOPs the policy's own selector spent (see flops.py).
@@ -51,6 +59,8 @@ class TokenState:
     key_logmask: Tensor | None  # B×n float: soft key mask accumulated so far (None: none yet)
     layer: int
     mode: str
+    sizes: Tensor | None = None  # B×n float: input tokens each slot stands for (None: no merge yet, all 1)
+    keys: Tensor | None = None  # at (b): B×H×n×d_h, this layer's attention keys (ToMe's matching features)
 
 
 @dataclass
@@ -62,10 +72,14 @@ class Decision:
                   attention (at (b): from the next layer on); decisions add up (a product of masks).
     hidden_scale: float, soft: multiplies the hidden states now (at (a): the layer's input; at (b):
                   the FFN's input, so the FFN's residual carries it too).
+    merge:        long, gather mode only: the slot each token folds into (itself: it stays). Folded tokens
+                  go; a destination becomes the size-weighted average of itself and its sources.
+                  [CLS], padding and destinations that are not alive real tokens are ignored.
     flops:        the selector's own FLOPs for this decision, per example (B,) or one number.
     """
 
     keep: Tensor | None = None
+    merge: Tensor | None = None
     key_logmask: Tensor | None = None
     hidden_scale: Tensor | None = None
     flops: Tensor | float | None = None
@@ -150,6 +164,8 @@ class _Tokens:
         self.dropped = False  # a hard decision has dropped something (mask mode freezes those tokens)
         self.buffer: Tensor | None = None  # restore: B×(N+1)×d, the last column takes writes to ignore
         self.soft_dtype = soft_dtype
+        self.sizes: Tensor | None = None  # B×n float once a token has been merged: proportional attention
+        self.merged_into: Tensor | None = None  # restore: B×N long, a merged-away position's destination (-1: none)
         self._masks: dict = {}
 
     def changed(self) -> None:
@@ -161,8 +177,8 @@ class _Tokens:
         return self._masks["all"]
 
     def sdpa_mask(self) -> Tensor | None:
-        """None, a bool key mask, or (with soft masks) an additive one; B×1×1×n, broadcast over queries."""
-        if self.key_logmask is not None:
+        """None, a bool key mask, or (with soft masks or sizes) an additive one; B×1×1×n, broadcast over queries."""
+        if self.key_logmask is not None or self.sizes is not None:
             return self.additive_mask()
         if "sdpa" not in self._masks:
             self._masks["sdpa"] = None if self._all_alive() else self.alive[:, None, None, :]
@@ -170,17 +186,60 @@ class _Tokens:
 
     def additive_mask(self) -> Tensor | None:
         if "add" not in self._masks:
-            if self.key_logmask is None and self._all_alive():
+            if self.key_logmask is None and self.sizes is None and self._all_alive():
                 mask = None
             else:
                 soft = 0.0 if self.key_logmask is None else self.key_logmask.to(self.soft_dtype)
+                if self.sizes is not None:  # proportional attention: a key of size s counts s times
+                    soft = soft + torch.log(self.sizes).to(self.soft_dtype)
                 # -inf, not a large negative: a dropped key then gets exactly zero weight, as after a gather
                 mask = torch.where(self.alive, soft, float("-inf")).to(self.soft_dtype)[:, None, None, :]
             self._masks["add"] = mask
         return self._masks["add"]
 
-    def state(self, layer: int, hidden: Tensor, mode: str) -> TokenState:
-        return TokenState(hidden, self.alive, self.positions, self.lengths, self.key_logmask, layer, mode)
+    def state(self, layer: int, hidden: Tensor, mode: str, keys: Tensor | None = None) -> TokenState:
+        return TokenState(hidden, self.alive, self.positions, self.lengths, self.key_logmask, layer, mode,
+                          self.sizes, keys)
+
+    def merge(self, dest: Tensor, hidden: Tensor) -> Tensor:
+        """Fold every alive token whose `dest` is another alive slot into that slot (size-weighted average,
+        sizes add), then gather the survivors. One level: a destination does not itself move."""
+        B, n = dest.shape
+        slots = torch.arange(n, device=dest.device).expand(B, n)
+        dest = dest.long()
+        target_alive = self.alive.gather(1, dest.clamp(0, n - 1))
+        moves = self.alive & target_alive & (dest != slots) & (dest >= 0) & (dest < n)
+        moves[:, 0] = False  # [CLS] is never merged away
+        dest = torch.where(moves, dest, slots)
+        stays = ~moves
+        dest = torch.where(stays.gather(1, dest), dest, slots)  # a destination that moves itself: no chain
+        moves = dest != slots
+        if not bool(moves.any()):
+            return hidden
+        sizes = self.sizes if self.sizes is not None else hidden.new_ones(B, n, dtype=torch.float32)
+        sizes = sizes * self.alive  # padding weighs nothing
+        weights = sizes.to(hidden.dtype)[..., None]
+        total = torch.zeros_like(hidden).scatter_add_(1, dest[..., None].expand_as(hidden), hidden * weights)
+        new_sizes = torch.zeros_like(sizes).scatter_add_(1, dest, sizes)
+        merged = total / new_sizes.clamp_min(1e-12).to(hidden.dtype)[..., None]
+        hidden = torch.where(moves.any(1)[:, None, None] & ~moves[..., None], merged, hidden)
+        hidden = torch.where(self.alive[..., None], hidden, hidden.new_zeros(()))  # padding stays inert
+        self.sizes = torch.where(self.alive, new_sizes, torch.ones_like(new_sizes))
+        if self.merged_into is not None:
+            rows, cols = moves.nonzero(as_tuple=True)
+            self.merged_into[rows, self.positions[rows, cols]] = self.positions[rows, dest[rows, cols]]
+        return self.gather(self.alive & ~moves, hidden)
+
+    def unmerge(self, full: Tensor) -> Tensor:
+        """Restore: every merged-away position takes the state of the token it was (finally) folded into."""
+        owner = torch.arange(full.shape[1], device=full.device).expand_as(self.merged_into)
+        for _ in range(full.shape[1]):
+            step = self.merged_into.gather(1, owner)
+            nxt = torch.where(step >= 0, step, owner)
+            if torch.equal(nxt, owner):
+                break
+            owner = nxt
+        return full.gather(1, owner[..., None].expand_as(full))
 
     def save_last_states(self, last: Tensor) -> None:
         """Restore: write the alive slots' states at their original positions (survivors are written
@@ -209,6 +268,8 @@ class _Tokens:
         self.positions = self.positions.gather(1, index)
         if self.key_logmask is not None:
             self.key_logmask = self.key_logmask.gather(1, index)
+        if self.sizes is not None:
+            self.sizes = self.sizes.gather(1, index)
         return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
@@ -270,6 +331,7 @@ class PrunableEncoder(nn.Module):
 
         if gather and self.restore:
             tokens.buffer = torch.cat([hidden, hidden.new_zeros(B, 1, hidden.shape[-1])], dim=1)
+            tokens.merged_into = torch.full((B, N), -1, dtype=torch.long, device=hidden.device)
         if gather and int(lengths.max()) < N:  # padding columns no row needs: gone before layer 0
             hidden = tokens.gather(alive, hidden)
         if policy is not None:
@@ -284,10 +346,10 @@ class PrunableEncoder(nn.Module):
                     hidden = self._apply_decision(tokens, decision, hidden)
             attn_counts.append(tokens.counts)
             need_probs = policy is not None and policy.needs_attention(i)
-            h, probs = self._attention(layer, hidden, tokens, need_probs)
+            h, probs, keys = self._attention(layer, hidden, tokens, need_probs)
             if policy is not None:
-                decision = policy.after_attention(i, tokens.state(i, h, self.mode), probs)
-                del probs  # B×H×n×n: free it before the FFN allocates
+                decision = policy.after_attention(i, tokens.state(i, h, self.mode, keys), probs)
+                del probs, keys  # B×H×n×n: free it before the FFN allocates
                 if decision is not None:
                     h = self._apply_decision(tokens, decision, h, hidden)
             ffn_counts.append(tokens.counts)
@@ -307,6 +369,8 @@ class PrunableEncoder(nn.Module):
         if gather and self.restore:
             tokens.save_last_states(hidden)
             full = tokens.buffer[:, :N]
+            if bool((tokens.merged_into >= 0).any()):
+                full = tokens.unmerge(full)
             return EncoderOutput(logits, trace, full, alive, torch.arange(N, device=alive.device).expand(B, N))
         return EncoderOutput(logits, trace, hidden, tokens.alive, tokens.positions)
 
@@ -327,6 +391,12 @@ class PrunableEncoder(nn.Module):
             logmask = torch.cat([decision.key_logmask.new_zeros(B, 1), decision.key_logmask[:, 1:]], dim=1)
             tokens.key_logmask = logmask if tokens.key_logmask is None else tokens.key_logmask + logmask
             tokens.changed()
+        if decision.merge is not None:
+            if self.mode != "gather":
+                raise ValueError("a merge decision runs in gather mode only (mode='gather')")
+            if self.restore:
+                tokens.save_last_states(last)
+            hidden = tokens.merge(decision.merge, hidden)
         if decision.keep is not None:
             keep = decision.keep.bool() & tokens.alive
             keep[:, 0] = True
@@ -343,7 +413,7 @@ class PrunableEncoder(nn.Module):
 
     def _attention(
         self, layer: LayerParts, x: Tensor, tokens: _Tokens, need_probs: bool
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
         B, n, _ = x.shape
         heads, head_dim = layer.heads, layer.head_dim
         q = layer.query(x).view(B, n, heads, head_dim).transpose(1, 2)
@@ -366,7 +436,7 @@ class PrunableEncoder(nn.Module):
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.sdpa_mask(), dropout_p=p, scale=scale)
         context = context.transpose(1, 2).reshape(B, n, heads * head_dim)
         h = layer.attn_norm(layer.attn_out_dropout(layer.attn_out(context)) + x)
-        return h, (probs if need_probs else None)
+        return h, (probs if need_probs else None), k
 
     @staticmethod
     def _ffn(layer: LayerParts, h: Tensor) -> Tensor:
