@@ -19,6 +19,7 @@ REGISTRY = {
     "adapler": "tokenprune.methods.adapler:AdapLeR",
     "tome": "tokenprune.methods.tome:ToMe",
     "pitome": "tokenprune.methods.pitome:PiToMe",
+    "ltp": "tokenprune.methods.ltp:LTP",
 }
 
 
