@@ -20,6 +20,7 @@ REGISTRY = {
     "tome": "tokenprune.methods.tome:ToMe",
     "pitome": "tokenprune.methods.pitome:PiToMe",
     "ltp": "tokenprune.methods.ltp:LTP",
+    "gate": "tokenprune.methods.gate:Gate",
 }
 
 
