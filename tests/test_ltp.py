@@ -27,7 +27,7 @@ def test_soft_masks_are_sigmoids_and_hard_pruning_drops_below_threshold():
     with torch.no_grad():
         PrunableEncoder(model, soft, mode="mask")(ids, mask, types)
     assert len(soft.masks) == 3 and 0 < float(soft.regulariser()) <= 3  # layers 1..3, each a mean in [0, 1]
-    hard = LTPPolicy(4, 0.01, 1e-3, 32, hard=True, shift=10.0).eval()
+    hard = LTPPolicy(4, 0.01, 1e-3, 32, hard=True, scale=8.0).eval()
     with torch.no_grad():
         out = PrunableEncoder(model, hard)(ids, mask, types)
     assert (out.trace.ffn_tokens[:, 0] == torch.tensor([20, 12])).all(), "layer 0 never prunes"

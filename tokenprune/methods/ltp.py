@@ -19,10 +19,10 @@ Changed, and by which rule:
   padding this keeps the score on the paper's scale, whatever the batch.
 - The regulariser's mean is over real tokens (the paper's includes padding, which only rescales λ).
 - λ for the target: each λ of `method.lambdas` trains phase 2 once (cached for all targets); for a
-  target, each is shifted to it on calib (below) and the one with the best calib score at the target
-  is re-trained in phase 3. A threshold shift meets the target exactly: θ_ℓ(δ) = θ_ℓ +
-  δ·final_threshold·ℓ/L, δ found by bisection on calib after phase 2 (to choose λ) and again after
-  phase 3 (the final knob; the record says what δ had to add).
+  target, each is scaled to it on calib (below) and the one with the best calib score at the target
+  is re-trained in phase 3. A common scale c of the learned thresholds meets the target: θ_ℓ·c, c
+  found by bisection on calib (c = 0: nothing but the 1e-5 floor prunes) after phase 2 (to choose λ)
+  and again after phase 3 (the final knob; the record says how far c had to move from 1).
 - The thresholds' learning rate follows the budget. Adam moves a parameter by at most lr per step;
   with warmup and linear decay the total possible movement over S steps is about 0.5·S·lr. The
   paper's recipe (lr 2e-5 for thresholds, SST-2: one epoch of 67k examples at batch 64, ~1,050 steps)
@@ -71,13 +71,13 @@ class Thresholds(nn.Module):
 
 class LTPPolicy(TokenPolicy):
     """Soft masks (training, `mask` mode) or hard pruning (`hard=True`; evaluation in `gather` mode)
-    after the attention of layers 1..L-1. `shift`: the calibrated δ, in units of final_threshold·ℓ/L."""
+    after the attention of layers 1..L-1. `scale`: the calibrated factor c on every threshold."""
 
     def __init__(self, layers: int, final_threshold: float, temperature: float, norm_length: int,
-                 hard: bool = False, shift: float = 0.0):
+                 hard: bool = False, scale: float = 1.0):
         super().__init__()
         self.thresholds = Thresholds(layers, final_threshold)
-        self.temperature, self.norm_length, self.hard, self.shift = temperature, norm_length, hard, shift
+        self.temperature, self.norm_length, self.hard, self.scale = temperature, norm_length, hard, scale
         self.masks: list[Tensor] = []
 
     def start(self, state: TokenState) -> None:
@@ -87,7 +87,7 @@ class LTPPolicy(TokenPolicy):
         return layer > 0
 
     def threshold(self, layer: int) -> Tensor:
-        return self.thresholds()[layer] + self.shift * self.thresholds.base[layer]
+        return self.thresholds()[layer] * self.scale
 
     def after_attention(self, layer: int, state: TokenState, probs: Tensor | None) -> Decision | None:
         if layer == 0:
@@ -156,29 +156,29 @@ class LTP(Method):
         self.retrained_steps += info["history"][-1]["steps"]
         return model, torch.load(path / "thresholds.pt"), info
 
-    def hard_policy(self, s: dict, thresholds: Tensor, shift: float) -> LTPPolicy:
-        policy = self._policy(s, hard=True, shift=shift)
+    def hard_policy(self, s: dict, thresholds: Tensor, scale: float) -> LTPPolicy:
+        policy = self._policy(s, hard=True, scale=scale)
         with torch.no_grad():
             policy.thresholds.delta.copy_(thresholds - policy.thresholds.base)
         return policy.eval()
 
-    def calibrate_shift(self, model: nn.Module, s: dict, thresholds: Tensor, target: float) -> tuple[float, float]:
-        def speedup(shift: float) -> float:
-            result = calib_result(self.job, model, self.hard_policy(s, thresholds, shift))
+    def calibrate_scale(self, model: nn.Module, s: dict, thresholds: Tensor, target: float) -> tuple[float, float]:
+        def speedup(scale: float) -> float:
+            result = calib_result(self.job, model, self.hard_policy(s, thresholds, scale))
             return flops.summarize(result, None, model.config, self.job.backbone.config)["flops_speedup"]
 
-        return meet_target(speedup, target, gentle=-1.0, extreme=[4.0, 16.0, 64.0, 256.0], steps=14, method=self.name,
-                           extreme_means="thresholds 256 times the final threshold")
+        return meet_target(speedup, target, gentle=0.0, extreme=[2.0, 8.0, 32.0, 128.0], steps=14, method=self.name,
+                           extreme_means="thresholds 128 times the learned ones")
 
-    def hard_phase(self, soft_model: nn.Module, s: dict, thresholds: Tensor, shift: float, soft_key: dict) -> nn.Module:
+    def hard_phase(self, soft_model: nn.Module, s: dict, thresholds: Tensor, scale: float, soft_key: dict) -> nn.Module:
         job, cfg = self.job, self.cfg
         key = {"soft": soft_key, "phase": "ltp-hard", "thresholds": [round(float(t), 8) for t in thresholds],
-               "shift": shift, "epochs": int(cfg.budget.epochs), "lr": float(cfg.train.lr)}
+               "scale": scale, "epochs": int(cfg.budget.epochs), "lr": float(cfg.train.lr)}
 
         def train(tmp: Path):
             torch.manual_seed(cfg.seed)
             model = copy.deepcopy(soft_model).to(job.device)
-            policy = self.hard_policy(s, thresholds, shift)
+            policy = self.hard_policy(s, thresholds, scale)
             encoder = PrunableEncoder(model, policy, mode="gather")
 
             def step(enc, batch):
@@ -201,28 +201,28 @@ class LTP(Method):
         candidates = []
         for lam in s["lambdas"]:
             model, thresholds, info = self.soft_phase(lam, s)
-            shift, achieved = self.calibrate_shift(model, s, thresholds, target)
-            calib = calib_score(self.job, model, self.hard_policy(s, thresholds, shift))
-            candidates.append({"lambda": lam, "shift": shift, "calib_speedup": achieved, "calib_score": calib,
+            scale, achieved = self.calibrate_scale(model, s, thresholds, target)
+            calib = calib_score(self.job, model, self.hard_policy(s, thresholds, scale))
+            candidates.append({"lambda": lam, "scale": scale, "calib_speedup": achieved, "calib_score": calib,
                                "thresholds": [round(float(t), 6) for t in thresholds], "model": model})
-            log.info(f"ltp: λ={lam:g} learned thresholds {candidates[-1]['thresholds']}, shift {shift:.3f}, calib {calib:.2f}")
+            log.info(f"ltp: λ={lam:g} learned thresholds {candidates[-1]['thresholds']}, scale {scale:.3f}, calib {calib:.2f}")
         best = max(candidates, key=lambda c: c["calib_score"])
         thresholds = torch.tensor(best["thresholds"])
         soft_key = {"backbone": self.job.backbone_key, "lambda": best["lambda"], "settings": {k: v for k, v in s.items()}}
-        self._model = self.hard_phase(best["model"], s, thresholds, best["shift"], soft_key)
+        self._model = self.hard_phase(best["model"], s, thresholds, best["scale"], soft_key)
         self.best, self.settings, self.thresholds = best, s, thresholds
         self.job.info["ltp_candidates"] = [{k: v for k, v in c.items() if k != "model"} for c in candidates]
 
     def choose_knob(self, target: float) -> dict:
-        """Phase 3 changed the weights, so the attention and the counts: the shift is set again on calib."""
-        shift, achieved = self.calibrate_shift(self._model, self.settings, self.thresholds, target)
-        self.shift = shift
-        return {"lambda": self.best["lambda"], "thresholds": self.best["thresholds"], "shift_before_retrain": self.best["shift"],
-                "shift": shift, "calib_speedup": achieved, "lr_threshold": self.settings["lr_threshold"],
+        """Phase 3 changed the weights, so the attention and the counts: the scale is set again on calib."""
+        scale, achieved = self.calibrate_scale(self._model, self.settings, self.thresholds, target)
+        self.scale = scale
+        return {"lambda": self.best["lambda"], "thresholds": self.best["thresholds"], "scale_before_retrain": self.best["scale"],
+                "scale": scale, "calib_speedup": achieved, "lr_threshold": self.settings["lr_threshold"],
                 "temperature": self.settings["temperature"]}
 
     def model(self) -> nn.Module:
         return self._model
 
     def policy(self) -> LTPPolicy:
-        return self.hard_policy(self.settings, self.thresholds, self.shift)
+        return self.hard_policy(self.settings, self.thresholds, self.scale)
