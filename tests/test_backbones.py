@@ -86,3 +86,24 @@ def test_tiny_roberta_config_builds_a_roberta_and_runs_a_job(tmp_path):
     assert record["status"] == "ok", record.get("error")
     assert record["model"] == "tiny_roberta"
     assert record["flops_speedup"] == pytest.approx(2.0, rel=0.1)
+
+
+@pytest.mark.parametrize("build", [small_roberta, small_distilbert], ids=["roberta", "distilbert"])
+def test_fine_tuning_loss_takes_a_bert_tokenizers_pair_batch(build):
+    """HF's forward of RoBERTa (one token type) and DistilBERT (none) gets no token_type_ids from a
+    BERT tokenizer's pair batch (types 0 and 1)."""
+    from tokenprune.train import classification_loss
+    model = build()
+    ids, mask = roberta_batch([12, 8])
+    types = torch.zeros_like(ids)
+    types[:, 5:] = 1
+    loss = classification_loss(model, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+                                       "labels": torch.tensor([0, 1])})
+    assert torch.isfinite(loss)
+
+
+def test_tiny_roberta_runs_a_sentence_pair_task(tmp_path):
+    cfg = job_config(tmp_path, "model=tiny_roberta", "task=mrpc", "method=tome", "speedup=1.5")
+    record = run_job(cfg, tmp_path / "job")
+    assert record["status"] == "ok", record.get("error")
+    assert record["flops_speedup"] == pytest.approx(1.5, rel=0.1)

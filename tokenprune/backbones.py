@@ -54,6 +54,7 @@ class Family:
 
     name = "bert"
     model_types: tuple[str, ...] = ("bert",)
+    token_types = True  # whether HF's forward takes token_type_ids that mean something
     # attributes of the *ForSequenceClassification model every family needs (checked on the meta device)
     required: tuple[str, ...] = ("embeddings", "encoder.layer", "pooler")
 
@@ -94,6 +95,7 @@ class Family:
 class RobertaFamily(Family):
     name = "roberta"
     model_types = ("roberta",)
+    token_types = False  # one type; a BERT tokenizer's pair types (1) would index past its table
 
     def embed(self, model, input_ids, attention_mask, token_type_ids):
         embeddings = self.embeddings(model)
@@ -109,6 +111,7 @@ class RobertaFamily(Family):
 class DistilBertFamily(Family):
     name = "distilbert"
     model_types = ("distilbert",)
+    token_types = False  # its forward takes none
 
     def layers(self, model):
         return self.base(model).transformer.layer
@@ -147,6 +150,13 @@ def _refused(model: nn.Module) -> UserError:
         f"The prunable encoder runs BERT-style classifiers (BERT, RoBERTa, DistilBERT), and this model is {kind} "
         f"({type(model).__name__}): choose a model of one of those architectures (model.path)."
     )
+
+
+def hf_inputs(model: nn.Module, batch: dict, names=("input_ids", "attention_mask", "token_type_ids")) -> dict:
+    """The batch's inputs for HF's own forward of `model`: token types only where the family has them."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    drop = {"token_type_ids"} if any(model_type in f.model_types and not f.token_types for f in FAMILIES) else set()
+    return {k: batch[k] for k in names if k in batch and k not in drop}
 
 
 def family_of(model: nn.Module) -> Family:
