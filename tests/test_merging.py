@@ -181,3 +181,23 @@ def test_merging_flops_match_torch_flop_counter(tiny, name, attention):
     assert float(trace.selector_flops[0]) > 0
     analytic = flops.canonical_flops(trace.attn_tokens, trace.ffn_tokens, tiny.config, trace.selector_flops)
     assert analytic[0] == pytest.approx(total, rel=0.01)
+
+
+def test_pitome_protects_an_isolated_token_and_tome_matches_the_most_similar():
+    from tokenprune.methods.pitome import pitome_merge
+    from tokenprune.methods.tome import bipartite_merge
+    features = torch.zeros(1, 8, 4)
+    features[0, 1:7, 0] = 1.0  # six near-duplicates
+    features[0, 1:7, 1] = torch.linspace(0, 0.1, 6)
+    features[0, 7, 2] = 1.0  # an isolated token
+    features[0, 0, 3] = 1.0  # [CLS]
+    features = torch.nn.functional.normalize(features, dim=-1)
+    alive = torch.ones(1, 8, dtype=torch.bool)
+    dest = pitome_merge(features, alive, torch.tensor([3]), margin=0.9, alpha=1.0)
+    moved = (dest[0] != torch.arange(8)).nonzero().flatten().tolist()
+    assert len(moved) == 3 and 7 not in moved and 0 not in moved
+    assert all(1 <= int(dest[0, i]) <= 6 for i in moved), "merged into a near-duplicate"
+    dest = bipartite_merge(features, alive, torch.tensor([2]))
+    moved = (dest[0] != torch.arange(8)).nonzero().flatten().tolist()
+    assert len(moved) == 2 and all(i % 2 == 0 and i > 0 for i in moved) and all(int(dest[0, i]) % 2 == 1 for i in moved)
+    assert set(dest[0, moved].tolist()) <= {1, 3, 5}, "never into the isolated token"
