@@ -205,6 +205,8 @@ class _Tokens:
         """Fold every alive token whose `dest` is another alive slot into that slot (size-weighted average,
         sizes add), then gather the survivors. One level: a destination does not itself move."""
         B, n = dest.shape
+        if B == 1 and self._all_alive():
+            return self._merge_one(dest[0].long(), hidden)
         slots = torch.arange(n, device=dest.device).expand(B, n)
         dest = dest.long()
         target_alive = self.alive.gather(1, dest.clamp(0, n - 1))
@@ -229,6 +231,36 @@ class _Tokens:
             rows, cols = moves.nonzero(as_tuple=True)
             self.merged_into[rows, self.positions[rows, cols]] = self.positions[rows, dest[rows, cols]]
         return self.gather(self.alive & ~moves, hidden)
+
+    def _merge_one(self, dest: Tensor, hidden: Tensor) -> Tensor:
+        """`merge` for one row without padding (batch 1 after the first gather): the same arithmetic in
+        fewer operations, since per-layer overhead is what batch-1 latency pays for."""
+        n = dest.shape[0]
+        slots = torch.arange(n, device=dest.device)
+        dest = dest.clamp(0, n - 1)
+        dest[0] = 0  # [CLS] is never merged away
+        dest = torch.where(dest.index_select(0, dest) == dest, dest, slots)  # a destination that moves itself: no chain
+        kept = (dest == slots).nonzero().squeeze(1)
+        if kept.shape[0] == n:
+            return hidden
+        sizes = self.sizes[0] if self.sizes is not None else hidden.new_ones(n, dtype=torch.float32)
+        row = hidden[0]
+        total = torch.zeros_like(row).index_add_(0, dest, row * sizes.to(row.dtype)[:, None])
+        new_sizes = torch.zeros_like(sizes).index_add_(0, dest, sizes)
+        if self.merged_into is not None:
+            moved = (dest != slots).nonzero().squeeze(1)
+            self.merged_into[0, self.positions[0, moved]] = self.positions[0, dest[moved]]
+        new_sizes = new_sizes.index_select(0, kept)
+        hidden = (total.index_select(0, kept) / new_sizes.to(row.dtype)[:, None])[None]
+        K = kept.shape[0]
+        self.sizes = new_sizes[None]
+        self.positions = self.positions.index_select(1, kept)
+        if self.key_logmask is not None:
+            self.key_logmask = self.key_logmask.index_select(1, kept)
+        self.alive = self.alive.new_ones(1, K)
+        self.counts = self.counts.new_full((1,), K)
+        self.changed()
+        return hidden
 
     def unmerge(self, full: Tensor) -> Tensor:
         """Restore: every merged-away position takes the state of the token it was (finally) folded into."""
