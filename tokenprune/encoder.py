@@ -9,7 +9,8 @@ at two points of every layer i:
                                          before its FFN, from that layer's attention probabilities
                                          (PoWER-BERT, LTP, LAT).
 
-Both return a `Decision` or None. A decision can be hard (`keep`, a bool B×n mask) or soft: an
+Both return a `Decision` or None. A decision can be hard (`keep`, a bool B×n mask), a merge (`merge`:
+the slot each token folds into, ToMe/PiToMe; gather mode only) or soft: an
 additive log-mask on the attention logits of keys (`key_logmask`, accumulated over the rest of the
 forward) and/or a multiplicative mask on the hidden states (`hidden_scale`, applied once, there).
 [CLS] is always kept: hard decisions never drop it and soft masks leave it untouched.
@@ -22,6 +23,13 @@ Two modes, same decisions:
             masked. Padding never survives a gather. `restore=True` scatters every dropped token's
             last state back to its original position, giving a full-length output.
 
+Merging (ToMe's bipartite merge, decided by the policy, applied here): every token folded into another
+is removed and its destination becomes the size-weighted average of itself and what it absorbed;
+sizes add up and every later attention adds log(size) to each key's logits (proportional attention),
+so a merged token counts as the tokens it stands for. Each example merges its own tokens; padding and
+[CLS] never take part. With `restore=True` a merged-away token's position gets the final state of the
+token it was folded into (ToMe's unmerge by sources).
+
 Every forward returns the logits and a `Trace`: per example, the real tokens entering each layer's
 attention and FFN, and the FLOPs the policy's own selector spent (see flops.py). An optional
 `on_layer(layer, positions, alive)` callback sees, at every layer, which original positions are
@@ -30,7 +38,6 @@ still alive after that layer's decisions (entering its FFN), e.g. for rationale 
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokenprune.errors import UserError
+from tokenprune.backbones import Family, LayerParts, family_of
 
 MODES = ("mask", "gather")
 ATTENTIONS = ("sdpa", "eager")
@@ -55,6 +62,8 @@ class TokenState:
     key_logmask: Tensor | None  # B×n float: soft key mask accumulated so far (None: none yet)
     layer: int
     mode: str
+    sizes: Tensor | None = None  # B×n float: input tokens each slot stands for (None: no merge yet, all 1)
+    keys: Tensor | None = None  # at (b): B×H×n×d_h, this layer's attention keys (ToMe's matching features)
 
 
 @dataclass
@@ -66,10 +75,14 @@ class Decision:
                   attention (at (b): from the next layer on); decisions add up (a product of masks).
     hidden_scale: float, soft: multiplies the hidden states now (at (a): the layer's input; at (b):
                   the FFN's input, so the FFN's residual carries it too).
+    merge:        long, gather mode only: the slot each token folds into (itself: it stays). Folded tokens
+                  go; a destination becomes the size-weighted average of itself and its sources.
+                  [CLS], padding and destinations that are not alive real tokens are ignored.
     flops:        the selector's own FLOPs for this decision, per example (B,) or one number.
     """
 
     keep: Tensor | None = None
+    merge: Tensor | None = None
     key_logmask: Tensor | None = None
     hidden_scale: Tensor | None = None
     flops: Tensor | float | None = None
@@ -129,42 +142,14 @@ class EncoderOutput:
 
 
 def backbone_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(base model with embeddings/encoder.layer/pooler, classifier) of a BERT-style classifier."""
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    classifier = getattr(model, "classifier", None)
-    if base is None or not hasattr(base, "embeddings") or layers is None or not isinstance(classifier, nn.Linear):
-        raise _not_bert_style(model)
-    return base, classifier
-
-
-# What the loop calls in each layer (`_attention`, `_ffn`) and on the model besides `backbone_parts`.
-LAYER_PARTS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.self.dropout",
-               "attention.self.num_attention_heads", "attention.self.attention_head_size",
-               "attention.output.dense", "attention.output.dropout", "attention.output.LayerNorm",
-               "intermediate.dense", "intermediate.intermediate_act_fn", "output.dense", "output.dropout",
-               "output.LayerNorm")
+    """(base model, classifier) of a supported *ForSequenceClassification model (see backbones.py)."""
+    return family_of(model).base(model), model.classifier
 
 
 def check_runnable(model: nn.Module) -> None:
-    """Raise a UserError for a model this loop cannot run: `backbone_parts` plus every part it calls in
-    a layer. Cheap on a model built on the meta device (no weights)."""
-    base, _ = backbone_parts(model)
-    for layer in base.encoder.layer:
-        for part in LAYER_PARTS:
-            try:
-                operator.attrgetter(part)(layer)
-            except AttributeError:
-                raise _not_bert_style(model) from None
-    if not hasattr(model, "dropout") or not hasattr(base, "pooler"):
-        raise _not_bert_style(model)
-
-
-def _not_bert_style(model: nn.Module) -> UserError:
-    return UserError(
-        f"PrunableEncoder runs BERT-style *ForSequenceClassification models (embeddings, encoder.layer, "
-        f"pooler, linear classifier), and {type(model).__name__} is not one: choose a BERT-family model."
-    )
+    """Raise a UserError for a model this loop cannot run (an architecture without a family adapter,
+    or one missing a part the loop calls). Cheap on a model built on the meta device (no weights)."""
+    family_of(model)
 
 
 class _Tokens:
@@ -182,6 +167,8 @@ class _Tokens:
         self.dropped = False  # a hard decision has dropped something (mask mode freezes those tokens)
         self.buffer: Tensor | None = None  # restore: B×(N+1)×d, the last column takes writes to ignore
         self.soft_dtype = soft_dtype
+        self.sizes: Tensor | None = None  # B×n float once a token has been merged: proportional attention
+        self.merged_into: Tensor | None = None  # restore: B×N long, a merged-away position's destination (-1: none)
         self._masks: dict = {}
 
     def changed(self) -> None:
@@ -193,8 +180,8 @@ class _Tokens:
         return self._masks["all"]
 
     def sdpa_mask(self) -> Tensor | None:
-        """None, a bool key mask, or (with soft masks) an additive one; B×1×1×n, broadcast over queries."""
-        if self.key_logmask is not None:
+        """None, a bool key mask, or (with soft masks or sizes) an additive one; B×1×1×n, broadcast over queries."""
+        if self.key_logmask is not None or self.sizes is not None:
             return self.additive_mask()
         if "sdpa" not in self._masks:
             self._masks["sdpa"] = None if self._all_alive() else self.alive[:, None, None, :]
@@ -202,17 +189,92 @@ class _Tokens:
 
     def additive_mask(self) -> Tensor | None:
         if "add" not in self._masks:
-            if self.key_logmask is None and self._all_alive():
+            if self.key_logmask is None and self.sizes is None and self._all_alive():
                 mask = None
             else:
                 soft = 0.0 if self.key_logmask is None else self.key_logmask.to(self.soft_dtype)
+                if self.sizes is not None:  # proportional attention: a key of size s counts s times
+                    soft = soft + torch.log(self.sizes).to(self.soft_dtype)
                 # -inf, not a large negative: a dropped key then gets exactly zero weight, as after a gather
                 mask = torch.where(self.alive, soft, float("-inf")).to(self.soft_dtype)[:, None, None, :]
             self._masks["add"] = mask
         return self._masks["add"]
 
-    def state(self, layer: int, hidden: Tensor, mode: str) -> TokenState:
-        return TokenState(hidden, self.alive, self.positions, self.lengths, self.key_logmask, layer, mode)
+    def state(self, layer: int, hidden: Tensor, mode: str, keys: Tensor | None = None) -> TokenState:
+        return TokenState(hidden, self.alive, self.positions, self.lengths, self.key_logmask, layer, mode,
+                          self.sizes, keys)
+
+    def merge(self, dest: Tensor, hidden: Tensor) -> Tensor:
+        """Fold every alive token whose `dest` is another alive slot into that slot (size-weighted average,
+        sizes add), then gather the survivors. One level: a destination does not itself move."""
+        B, n = dest.shape
+        if B == 1 and self._all_alive():
+            return self._merge_one(dest[0].long(), hidden)
+        slots = torch.arange(n, device=dest.device).expand(B, n)
+        dest = dest.long()
+        target_alive = self.alive.gather(1, dest.clamp(0, n - 1))
+        moves = self.alive & target_alive & (dest != slots) & (dest >= 0) & (dest < n)
+        moves[:, 0] = False  # [CLS] is never merged away
+        dest = torch.where(moves, dest, slots)
+        stays = ~moves
+        dest = torch.where(stays.gather(1, dest), dest, slots)  # a destination that moves itself: no chain
+        moves = dest != slots
+        if not bool(moves.any()):
+            return hidden
+        sizes = self.sizes if self.sizes is not None else hidden.new_ones(B, n, dtype=torch.float32)
+        sizes = sizes * self.alive  # padding weighs nothing
+        weights = sizes.to(hidden.dtype)[..., None]
+        total = torch.zeros_like(hidden).scatter_add_(1, dest[..., None].expand_as(hidden), hidden * weights)
+        new_sizes = torch.zeros_like(sizes).scatter_add_(1, dest, sizes)
+        merged = total / new_sizes.clamp_min(1e-12).to(hidden.dtype)[..., None]
+        hidden = torch.where(moves.any(1)[:, None, None] & ~moves[..., None], merged, hidden)
+        hidden = torch.where(self.alive[..., None], hidden, hidden.new_zeros(()))  # padding stays inert
+        self.sizes = torch.where(self.alive, new_sizes, torch.ones_like(new_sizes))
+        if self.merged_into is not None:
+            rows, cols = moves.nonzero(as_tuple=True)
+            self.merged_into[rows, self.positions[rows, cols]] = self.positions[rows, dest[rows, cols]]
+        return self.gather(self.alive & ~moves, hidden)
+
+    def _merge_one(self, dest: Tensor, hidden: Tensor) -> Tensor:
+        """`merge` for one row without padding (batch 1 after the first gather): the same arithmetic in
+        fewer operations, since per-layer overhead is what batch-1 latency pays for."""
+        n = dest.shape[0]
+        slots = torch.arange(n, device=dest.device)
+        dest = dest.clamp(0, n - 1)
+        dest[0] = 0  # [CLS] is never merged away
+        dest = torch.where(dest.index_select(0, dest) == dest, dest, slots)  # a destination that moves itself: no chain
+        kept = (dest == slots).nonzero().squeeze(1)
+        if kept.shape[0] == n:
+            return hidden
+        sizes = self.sizes[0] if self.sizes is not None else hidden.new_ones(n, dtype=torch.float32)
+        row = hidden[0]
+        total = torch.zeros_like(row).index_add_(0, dest, row * sizes.to(row.dtype)[:, None])
+        new_sizes = torch.zeros_like(sizes).index_add_(0, dest, sizes)
+        if self.merged_into is not None:
+            moved = (dest != slots).nonzero().squeeze(1)
+            self.merged_into[0, self.positions[0, moved]] = self.positions[0, dest[moved]]
+        new_sizes = new_sizes.index_select(0, kept)
+        hidden = (total.index_select(0, kept) / new_sizes.to(row.dtype)[:, None])[None]
+        K = kept.shape[0]
+        self.sizes = new_sizes[None]
+        self.positions = self.positions.index_select(1, kept)
+        if self.key_logmask is not None:
+            self.key_logmask = self.key_logmask.index_select(1, kept)
+        self.alive = self.alive.new_ones(1, K)
+        self.counts = self.counts.new_full((1,), K)
+        self.changed()
+        return hidden
+
+    def unmerge(self, full: Tensor) -> Tensor:
+        """Restore: every merged-away position takes the state of the token it was (finally) folded into."""
+        owner = torch.arange(full.shape[1], device=full.device).expand_as(self.merged_into)
+        for _ in range(full.shape[1]):
+            step = self.merged_into.gather(1, owner)
+            nxt = torch.where(step >= 0, step, owner)
+            if torch.equal(nxt, owner):
+                break
+            owner = nxt
+        return full.gather(1, owner[..., None].expand_as(full))
 
     def save_last_states(self, last: Tensor) -> None:
         """Restore: write the alive slots' states at their original positions (survivors are written
@@ -241,11 +303,13 @@ class _Tokens:
         self.positions = self.positions.gather(1, index)
         if self.key_logmask is not None:
             self.key_logmask = self.key_logmask.gather(1, index)
+        if self.sizes is not None:
+            self.sizes = self.sizes.gather(1, index)
         return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 class PrunableEncoder(nn.Module):
-    """A HF BERT-style *ForSequenceClassification model run by our own layer loop, with a token policy.
+    """A HF *ForSequenceClassification model of a supported family (BERT, RoBERTa, DistilBERT) run by our own layer loop, with a token policy.
 
     embeddings → layers (with the policy's decisions) → pooler → dropout → classifier: the model's
     own head, so logits are the model's (C = 1: a regression head). `attention="eager"` computes every
@@ -267,7 +331,7 @@ class PrunableEncoder(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, not {attention!r}")
-        backbone_parts(model)  # fail early on a model this loop cannot run
+        self.family: Family = family_of(model)  # fail early on a model this loop cannot run
         self.model = model  # the one registered copy of its weights (state_dict and parameters)
         self.policy = policy
         self.mode = mode
@@ -278,11 +342,11 @@ class PrunableEncoder(nn.Module):
 
     @property
     def base(self) -> nn.Module:
-        return backbone_parts(self.model)[0]
+        return self.family.base(self.model)
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.base.encoder.layer
+        return self.family.layers(self.model)
 
     @property
     def num_layers(self) -> int:
@@ -297,30 +361,32 @@ class PrunableEncoder(nn.Module):
         B, N = input_ids.shape
         alive = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         lengths = alive.sum(1)
-        base, classifier = backbone_parts(self.model)
-        hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        family = self.family
+        hidden = family.embed(self.model, input_ids, alive, token_type_ids)
         tokens = _Tokens(alive, lengths, hidden.dtype)
         policy, gather = self.policy, self.mode == "gather"
 
         if gather and self.restore:
             tokens.buffer = torch.cat([hidden, hidden.new_zeros(B, 1, hidden.shape[-1])], dim=1)
+            tokens.merged_into = torch.full((B, N), -1, dtype=torch.long, device=hidden.device)
         if gather and int(lengths.max()) < N:  # padding columns no row needs: gone before layer 0
             hidden = tokens.gather(alive, hidden)
         if policy is not None:
             policy.start(tokens.state(0, hidden, self.mode))
 
         attn_counts, ffn_counts = [], []
-        for i, layer in enumerate(base.encoder.layer):
+        layers = [family.parts(layer) for layer in family.layers(self.model)]
+        for i, layer in enumerate(layers):
             if policy is not None:
                 decision = policy.before_layer(i, tokens.state(i, hidden, self.mode))
                 if decision is not None:
                     hidden = self._apply_decision(tokens, decision, hidden)
             attn_counts.append(tokens.counts)
             need_probs = policy is not None and policy.needs_attention(i)
-            h, probs = self._attention(layer, hidden, tokens, need_probs)
+            h, probs, keys = self._attention(layer, hidden, tokens, need_probs)
             if policy is not None:
-                decision = policy.after_attention(i, tokens.state(i, h, self.mode), probs)
-                del probs  # B×H×n×n: free it before the FFN allocates
+                decision = policy.after_attention(i, tokens.state(i, h, self.mode, keys), probs)
+                del probs, keys  # B×H×n×n: free it before the FFN allocates
                 if decision is not None:
                     h = self._apply_decision(tokens, decision, h, hidden)
             ffn_counts.append(tokens.counts)
@@ -332,17 +398,18 @@ class PrunableEncoder(nn.Module):
                 out = torch.where(tokens.alive[..., None], out, hidden)
             hidden = out
 
-        pooled = base.pooler(hidden) if base.pooler is not None else hidden[:, 0]
-        logits = classifier(self.model.dropout(pooled))
+        logits = family.head(self.model, hidden)
 
         if policy is None:  # nothing can have changed: the counts are the lengths
-            attn = ffn = lengths[:, None].expand(B, len(base.encoder.layer))
+            attn = ffn = lengths[:, None].expand(B, len(layers))
         else:
             attn, ffn = torch.stack(attn_counts, 1), torch.stack(ffn_counts, 1)
         trace = Trace(attn, ffn, tokens.selector_flops, lengths)
         if gather and self.restore:
             tokens.save_last_states(hidden)
             full = tokens.buffer[:, :N]
+            if bool((tokens.merged_into >= 0).any()):
+                full = tokens.unmerge(full)
             return EncoderOutput(logits, trace, full, alive, torch.arange(N, device=alive.device).expand(B, N))
         return EncoderOutput(logits, trace, hidden, tokens.alive, tokens.positions)
 
@@ -363,6 +430,12 @@ class PrunableEncoder(nn.Module):
             logmask = torch.cat([decision.key_logmask.new_zeros(B, 1), decision.key_logmask[:, 1:]], dim=1)
             tokens.key_logmask = logmask if tokens.key_logmask is None else tokens.key_logmask + logmask
             tokens.changed()
+        if decision.merge is not None:
+            if self.mode != "gather":
+                raise ValueError("a merge decision runs in gather mode only (mode='gather')")
+            if self.restore:
+                tokens.save_last_states(last)
+            hidden = tokens.merge(decision.merge, hidden)
         if decision.keep is not None:
             keep = decision.keep.bool() & tokens.alive
             keep[:, 0] = True
@@ -378,14 +451,13 @@ class PrunableEncoder(nn.Module):
         return hidden
 
     def _attention(
-        self, layer: nn.Module, x: Tensor, tokens: _Tokens, need_probs: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        sa, out = layer.attention.self, layer.attention.output
+        self, layer: LayerParts, x: Tensor, tokens: _Tokens, need_probs: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
         B, n, _ = x.shape
-        heads, head_dim = sa.num_attention_heads, sa.attention_head_size
-        q = sa.query(x).view(B, n, heads, head_dim).transpose(1, 2)
-        k = sa.key(x).view(B, n, heads, head_dim).transpose(1, 2)
-        v = sa.value(x).view(B, n, heads, head_dim).transpose(1, 2)
+        heads, head_dim = layer.heads, layer.head_dim
+        q = layer.query(x).view(B, n, heads, head_dim).transpose(1, 2)
+        k = layer.key(x).view(B, n, heads, head_dim).transpose(1, 2)
+        v = layer.value(x).view(B, n, heads, head_dim).transpose(1, 2)
         scale = head_dim**-0.5
         probs = None
         if need_probs or self.attention == "eager":
@@ -397,16 +469,14 @@ class PrunableEncoder(nn.Module):
                 probs = scores.softmax(-1)
             else:  # in place: one B×H×n×n buffer, not two (big transient buffers cost page faults on CPU)
                 probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
-            context = torch.matmul(sa.dropout(probs), v)
+            context = torch.matmul(layer.attn_dropout(probs), v)
         else:
-            p = sa.dropout.p if sa.dropout.training else 0.0  # the layer's own mode, as its dropout modules
+            p = layer.attn_dropout.p if layer.attn_dropout.training else 0.0  # the layer's own mode, as its dropout modules
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.sdpa_mask(), dropout_p=p, scale=scale)
         context = context.transpose(1, 2).reshape(B, n, heads * head_dim)
-        h = out.LayerNorm(out.dropout(out.dense(context)) + x)
-        return h, (probs if need_probs else None)
+        h = layer.attn_norm(layer.attn_out_dropout(layer.attn_out(context)) + x)
+        return h, (probs if need_probs else None), k
 
     @staticmethod
-    def _ffn(layer: nn.Module, h: Tensor) -> Tensor:
-        inter = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(h))
-        out = layer.output
-        return out.LayerNorm(out.dropout(out.dense(inter)) + h)
+    def _ffn(layer: LayerParts, h: Tensor) -> Tensor:
+        return layer.ffn_norm(layer.ffn_dropout(layer.ffn_out(layer.act(layer.ffn_in(h)))) + h)

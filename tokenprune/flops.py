@@ -44,8 +44,8 @@ class Dims:
 
 def dims(config: Any) -> Dims:
     """The sizes FLOPs depend on, from a HF config (or anything with the same attribute names)."""
-    return Dims(int(config.hidden_size), int(config.intermediate_size), int(config.num_hidden_layers),
-                int(config.num_labels))
+    d_ff = getattr(config, "intermediate_size", None) or config.hidden_dim  # DistilBERT: hidden_dim
+    return Dims(int(config.hidden_size), int(d_ff), int(config.num_hidden_layers), int(config.num_labels))
 
 
 def _array(x: Any) -> np.ndarray:

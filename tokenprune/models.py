@@ -64,7 +64,15 @@ def model_config(model: DictConfig, num_labels: int) -> PretrainedConfig:
     problem = "regression" if num_labels == 1 else "single_label_classification"
     if model.init == "random":
         arch = OmegaConf.to_container(model.architecture, resolve=True)
-        return BertConfig(num_labels=num_labels, problem_type=problem, **arch)
+        # `model_type` only in configs of another architecture (roberta, distilbert); absent: BERT
+        model_type = model.get("model_type")
+        if model_type is None:
+            return BertConfig(num_labels=num_labels, problem_type=problem, **arch)
+        try:
+            return AutoConfig.for_model(model_type, num_labels=num_labels, problem_type=problem, **arch)
+        except ValueError as e:
+            raise UserError(f"model.model_type={model_type} is not an architecture transformers knows: "
+                            f"give roberta or distilbert, or drop the field for BERT.") from e
     return _from_pretrained(AutoConfig, weights_source(model), num_labels=num_labels, problem_type=problem)
 
 

@@ -15,6 +15,8 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from tokenprune.backbones import hf_inputs
+
 log = logging.getLogger(__name__)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -38,7 +40,7 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean
 
 def classification_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """The task loss of a plain (unpruned) model on a batch."""
-    return task_loss(model(**{k: batch[k] for k in MODEL_INPUTS}).logits, batch["labels"])
+    return task_loss(model(**hf_inputs(model, batch, MODEL_INPUTS)).logits, batch["labels"])
 
 
 def default_param_groups(model: torch.nn.Module, lr: float, weight_decay: float) -> list[dict]:

@@ -17,6 +17,10 @@ REGISTRY = {
     "truncate": "tokenprune.methods.truncate:Truncate",
     "trbert": "tokenprune.methods.trbert:TrBert",
     "adapler": "tokenprune.methods.adapler:AdapLeR",
+    "tome": "tokenprune.methods.tome:ToMe",
+    "pitome": "tokenprune.methods.pitome:PiToMe",
+    "ltp": "tokenprune.methods.ltp:LTP",
+    "gate": "tokenprune.methods.gate:Gate",
 }
 
 

@@ -64,6 +64,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from tokenprune import data as task_data
 from tokenprune import flops
+from tokenprune.backbones import hf_inputs
 from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenState, backbone_parts
 from tokenprune.errors import UserError
 from tokenprune.evaluate import score
@@ -141,7 +142,7 @@ def saliency_of(model: nn.Module, batch: dict) -> Tensor:
     handle = base.embeddings.register_forward_hook(hook)
     try:
         with torch.enable_grad():
-            logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
+            logits = model(**hf_inputs(model, batch, MODEL_INPUTS)).logits
             if logits.shape[-1] == 1:
                 gold = logits[:, 0]
             else:

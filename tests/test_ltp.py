@@ -1,0 +1,46 @@
+"""method=ltp on the tiny model at a smoke target, and its parts: the score, the soft mask, the
+threshold learning rate set by the budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import job_config
+from test_encoder import make_batch, tiny_model
+from tokenprune.encoder import PrunableEncoder
+from tokenprune.methods.ltp import LTPPolicy, received
+from tokenprune.runner import run_job
+
+
+def test_score_is_attention_received_over_a_fixed_length():
+    probs = torch.full((1, 2, 4, 4), 0.25)
+    mask = torch.tensor([[True, True, True, False]])
+    s = received(probs, mask, norm_length=8)
+    torch.testing.assert_close(s, torch.full((1, 4), 2 * 3 * 0.25 / (2 * 8)))
+
+
+def test_soft_masks_are_sigmoids_and_hard_pruning_drops_below_threshold():
+    model = tiny_model()
+    ids, mask, types = make_batch([20, 12])
+    soft = LTPPolicy(4, 0.01, 1e-3, 32)
+    with torch.no_grad():
+        PrunableEncoder(model, soft, mode="mask")(ids, mask, types)
+    assert len(soft.masks) == 3 and 0 < float(soft.regulariser()) <= 3  # layers 1..3, each a mean in [0, 1]
+    hard = LTPPolicy(4, 0.01, 1e-3, 32, hard=True, scale=8.0).eval()
+    with torch.no_grad():
+        out = PrunableEncoder(model, hard)(ids, mask, types)
+    assert (out.trace.ffn_tokens[:, 0] == torch.tensor([20, 12])).all(), "layer 0 never prunes"
+    assert (out.trace.ffn_tokens[:, -1] < torch.tensor([20, 12])).all()
+
+
+def test_ltp_meets_a_smoke_target_and_scales_the_threshold_lr(tmp_path):
+    cfg = job_config(tmp_path, "task=sst2", "method=ltp", "speedup=1.5", "measure.control=false")
+    record = run_job(cfg, tmp_path / "job")
+    assert record["status"] == "ok", record.get("error")
+    assert record["flops_speedup"] == pytest.approx(1.5, rel=0.10)
+    knob = record["method_info"]["knob"]
+    steps = 256 // 32  # smoke: one epoch of 256 examples at batch 32
+    assert knob["lr_threshold"] == pytest.approx(2 * 0.0105 / steps, rel=0.2)
+    assert {c["lambda"] for c in record["method_info"]["ltp_candidates"]} == {0.05, 0.2}
+    assert {"ltp-soft-0.05", "ltp-soft-0.2", "ltp-hard"} <= set(record["method_info"]["phases"])
