@@ -334,12 +334,13 @@ class PowerBert(Method):
         found: dict[float, tuple] = {}
 
         def own_speedup(lam: float) -> float:
-            found[lam] = self.search(lam)
+            found[lam] = (*self.search(lam), self.job.phases.record["powerbert-search"])
             return self.learned_speedup(found[lam][1])
 
         lam, grid = walk_to_target(self.hparams()[0], own_speedup, target, tries=self.lambda_tries(target),
                                    factor=float(self.cfg.method.get("lambda_factor", 10.0)))
-        model, learned = found[lam]
+        model, learned, phase_record = found[lam]
+        self.job.phases.record["powerbert-search"] = phase_record  # the chosen λ's phase, not the last one walked
         self.retrained_steps += learned["history"][-1]["steps"]
         return model, learned, grid
 
