@@ -31,8 +31,8 @@ paper (`python run.py -m method=powerbert method.lambda=1e-4,3e-4,1e-3`).
 
 What is kept from the paper, and what is scaled to the budget (issue 19):
   kept     the Soft-Extract layer, the loss CE + Σ_j λ·j·Σ_k r_j[k], r initialised to 1 and clipped to
-           [0, 1], the read-out, Hard-Extract and the re-training phase; the paper's λ as the centre
-           of the grid below.
+           [0, 1], the read-out, Hard-Extract and the re-training phase; the paper's λ as the start
+           of the walk below.
   scaled   LR_SOFT_EXTRACT. Adam moves a parameter by at most its learning rate per step, and with
            warm-up and linear decay the total movement is 0.5·steps·lr. The paper's search runs
            `paper_steps` = 3 epochs × ceil(train size / BATCH_SIZE) (its table; 3159 on SST-2), so the
@@ -46,7 +46,8 @@ What is kept from the paper, and what is scaled to the budget (issue 19):
            cached, then the geometric midpoint of the bracket); the λ whose own speedup is nearest the
            target is kept (toolbox.walk_to_target; calib, never dev). Adam moves every retention
            parameter at about its lr whatever λ's size once λ·j outweighs the task gradient, so λ only
-           shapes the schedule near the task gradient's scale, which the budget and model decide. Calibration then scales that configuration by a multiplier near 1, recorded in the
+           shapes the schedule near the task gradient's scale, which the budget and model decide.
+           Calibration then scales that configuration by a multiplier near 1, recorded in the
            `learning` block with the learned per-layer schedule and its own speedup.
 """
 
