@@ -14,7 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from tokenprune.encoder import PrunableEncoder, TokenState
 from tokenprune.methods.adapler import (
-    FLOOR, AdapLeRPolicy, adapler_losses, clip_eta, kl_to_prediction, lambda_schedule, restricted_target,
+    FLOOR, AdapLeRPolicy, adapler_losses, clip_eta, kl_to_prediction, lambda_at, lambda_schedule, restricted_target,
     saliency_of, soft_removal,
 )
 
@@ -214,6 +214,41 @@ def test_second_target_reuses_the_phases(smoke_runs):
     assert phases["adapler-saliency"]["path"] == first["method_info"]["phases"]["adapler-saliency"]["path"]
     assert second["method_info"]["knob"]["eta"] == first["method_info"]["knob"]["eta"]
     assert second["method_info"]["knob"]["eta_scale"] < first["method_info"]["knob"]["eta_scale"]
+
+
+def test_lambda_ramps_per_step_through_the_papers_epoch_values():
+    lambdas = lambda_schedule(3)  # 50, 2500, 125000
+    total = 101
+    ramp = [lambda_at(t, total, lambdas) for t in range(total)]
+    assert ramp[0] == pytest.approx(50) and ramp[50] == pytest.approx(2500) and ramp[-1] == pytest.approx(125000)
+    assert all(b / a == pytest.approx(ramp[1] / ramp[0]) for a, b in zip(ramp, ramp[1:]))  # no jump: one ratio
+    assert lambda_at(0, 1, lambdas) == 50 and lambda_at(7, 20, [10.0]) == 10
+
+
+def test_the_record_says_what_training_did(smoke_runs):
+    _, first, _ = smoke_runs
+    learning = first["learning"]
+    eta = learning["knobs"]["eta"]
+    assert eta["initial"] == 0.25 and eta["moved"] >= 0.1, eta  # η travels under the rule
+    # the rule: 5e-4 · 10,525 / steps, capped at 0.05 per step (8 smoke steps: the cap)
+    assert eta["lr"] == pytest.approx(min(5e-4 * 10525 / learning["steps"], 0.05))
+    assert learning["cp_lr"] == pytest.approx(min(3e-5 * 10525 / learning["steps"], 3e-3))
+    assert learning["schedule"] == eta["final"] == pytest.approx(first["method_info"]["knob"]["eta"], abs=1e-6)
+    assert learning["calibration"]["multiplier"] == pytest.approx(first["method_info"]["knob"]["eta_scale"], abs=1e-6)
+    assert learning["own_speedup"] > 1 and learning["target"] == 2.0
+    assert -1 <= learning["rank_correlation"] <= 1 and "saliency" in learning["rank_correlation_signal"]
+    assert len(learning["phi_grid"]) >= 2 and learning["phi"] in [g["value"] for g in learning["phi_grid"]]
+
+
+def test_a_knob_at_its_bound_is_a_warning_in_the_record(smoke_runs):
+    from tokenprune.runner import run_job
+
+    tmp, _, _ = smoke_runs
+    record = run_job(compose_job(tmp / "cache", "task=mrpc", "speedup=2", "method.eta_max=0.3", "method.phi_tries=0"),
+                     tmp / "bound")
+    assert record["status"] == "ok", record.get("error")
+    learning = record["learning"]
+    assert learning["knobs"]["eta"]["at_bound"] and any("optimiser bound" in w for w in learning["warnings"])
 
 
 def test_unreachable_target_is_one_clear_sentence(smoke_runs):

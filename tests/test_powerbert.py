@@ -190,6 +190,8 @@ def entries(cache_dir, kind):
 
 
 def test_phases_are_cached_and_each_method_meets_its_target(cache_dir, tmp_path):
+    # the paper's λ alone (no walk over λ), so that one search serves both targets
+    run = lambda *a: globals()["run"](*a, "method.lambda_tries=0")  # noqa: E731
     first = run("powerbert", 2, cache_dir, tmp_path / "a")
     assert first["status"] == "ok", first.get("error")
     assert abs(first["flops_speedup"] / first["speedup_target"] - 1) < 0.1
@@ -241,3 +243,21 @@ def test_speedup_one_uses_the_learned_configuration(cache_dir, tmp_path):
     assert record["status"] == "ok", record.get("error")
     knob = record["method_info"]["knob"]
     assert knob["knob"] == "lambda" and knob["fractions"] == knob["learned_fractions"]
+
+
+def test_the_learned_schedule_decreases_with_depth_and_the_record_shows_what_training_did(tmp_path):
+    record = run("powerbert", 2, tmp_path / "cache", tmp_path / "w")
+    assert record["status"] == "ok", record.get("error")
+    learning = record["learning"]
+    schedule = learning["schedule"]
+    assert all(a >= b for a, b in zip(schedule, schedule[1:])) and schedule[0] - schedule[-1] >= 0.3, schedule
+    retention = learning["knobs"]["retention"]
+    assert retention["initial"] == [1.0] * 4 and retention["moved"] >= 0.3
+    # the travel rule: LR_SOFT_EXTRACT (SST-2: 5e-4) × the paper's 3159 steps / this budget's steps
+    assert retention["lr"] == pytest.approx(5e-4 * 3159 / learning["steps"])
+    assert learning["travel"] == pytest.approx(learning["paper_travel"], rel=1e-3)
+    # λ walked to the target on calib: the learned configuration is near it by itself
+    assert len(learning["lambda_grid"]) > 1 and 0.67 <= learning["own_vs_target"] <= 1.5
+    assert learning["calibration"]["multiplier"] == pytest.approx(record["method_info"]["knob"]["scale"], abs=1e-6)
+    assert learning["own_speedup"] == pytest.approx(
+        min(learning["lambda_grid"], key=lambda g: abs(np.log(g["own_speedup"] / 2)))["own_speedup"])

@@ -1,6 +1,7 @@
 """TR-BERT: reward and baseline, policy-gradient sign, selection points, [CLS], batch_max, phase
 caching, and the smoke budget end to end."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,7 @@ def test_cls_always_kept_and_padding_never():
     out = PrunableEncoder(model, policy, mode="gather")(*make_batch([12, 7, 3]))
     assert out.trace.attn_tokens[:, -1].tolist() == [12, 7, 3]
     policy.train()
-    policy.action = "sample"
+    policy.action, policy.tau = "sample", 0.0  # rollouts sample σ(z − tau)
     with torch.no_grad():
         policy.selectors[0].fc2.bias.fill_(-50.0)  # p ≈ 0 at point 1
         out = PrunableEncoder(model, policy, mode="mask")(*make_batch([12, 7, 3]))
@@ -140,6 +141,18 @@ def test_smoke_end_to_end_and_phase_caching(tmp_path, data_root):
     trbert_phases = {"trbert-scores", "trbert-rl", "teacher-logits", "trbert-joint"}
     assert set(info["phases"]) >= trbert_phases
     assert not any(info["phases"][p]["cached"] for p in trbert_phases)
+    # the learning block: B′ on, the selectors' rate by the travel rule, phase E at the calibrated threshold
+    learning = rec["learning"]
+    assert learning["init_selector"] and "trbert-init" in info["phases"]
+    assert learning["selector_lr"] == pytest.approx(min(3e-5 * 2346 / learning["steps"], 1e-2))
+    assert -1 <= learning["rank_correlation"] <= 1 and "phase-B" in learning["rank_correlation_signal"]
+    joint_key = json.loads((Path(info["phases"]["trbert-joint"]["path"]) / "key.json").read_text())
+    assert joint_key["tau"] == pytest.approx(learning["calibration"]["from"])  # E trained at τ₀
+    assert learning["calibration"]["to"] == pytest.approx(info["knob"]["threshold_logit"], abs=1e-6)
+    assert learning["own_speedup"] > 1 and len(learning["alpha_grid"]) >= 2
+    assert info["knob"]["alpha_joint"] == learning["alpha_joint"] in [g["value"] for g in learning["alpha_grid"]]
+    assert learning["rollouts_seen"] == learning["rollouts"] * info["train_examples"] * info["epochs"]
+    assert len(learning["knobs"]["keep_rate"]["final"]) == 2 and learning["warnings"] == []
 
     cfg = compose_job(cache, 1.5)
     cfg.data.root = str(data_root)

@@ -35,7 +35,7 @@ FIELDS = (
     "metric_name", "metric", "metrics", "baseline_metric", "control_metric", "reference", "metric_drop",
     "flops_mode", "flops_per_example", "baseline_flops_per_example", "flops_speedup", "flops_speedups",
     "latency_ms_b1", "baseline_latency_ms_b1", "wallclock_speedup_b1", "throughput_speedup", "timing",
-    "tokens_per_layer", "baseline_tokens_per_layer", "n_eval", "rationale", "examples", "method_info", "phase_times",
+    "tokens_per_layer", "baseline_tokens_per_layer", "n_eval", "rationale", "examples", "method_info", "learning", "phase_times",
     "config", "inputs", "git_commit", "versions", "hardware", "started_at", "duration_s", "output_dir", "wandb_run",
 )
 

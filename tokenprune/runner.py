@@ -191,5 +191,6 @@ def run_pipeline(cfg: DictConfig, tracker) -> tuple[dict, dict]:
                                                      "best_calib_score": control_info["best_score"],
                                                      "best_epoch": control_info["best_epoch"]},
                         "determinism": DETERMINISM, **job.info},
+        "learning": method.learning,
         "phase_times": times,
     }, examples

@@ -46,6 +46,31 @@ What differs from the published code, and why:
     saliency only; >1 re-runs fine-tuning once (same recipe and seed, cached), keeping every epoch.
   - The speedup target is met by scaling η post hoc (the reference's "not the authors' protocol"
     alternative); method.calibrate=false keeps the learned η, as in the paper.
+
+What is kept from the paper, and what is scaled to the budget (issue 19):
+  kept     the losses (CE + γ·Σ(L−ℓ)KL for the model, CE + φ·Σ n_ℓ for η), the two optimisers, the
+           soft-removal function and β, the paper's λ values (reached at the same points of training),
+           η's clip [0.01, 1], the hard rule p ≥ η/n at inference, the checkpoint rule, γ.
+  scaled   learning rates of the learned knobs, by the travel rule (toolbox.travel_lr): Adam moves a
+           parameter by at most its lr per step, 0.5·steps·lr in all under warm-up and linear decay.
+           The paper's recipe (README, SST-2) runs paper_steps = 5 epochs × ceil(67,349 / 32) = 10,525
+           steps, so on `steps` steps here
+             η:   eta_lr = min(5e-4 · paper_steps / steps, eta_lr_max)  (η may travel 0.5·10,525·5e-4 ≈ 2.6,
+                  as in the paper; one step never moves η by more than eta_lr_max = 0.05 of its range)
+             CPs: cp_lr  = min(3e-5 · paper_steps / steps, cp_lr_max)  (their own rate; the backbone
+                  keeps `lr`; cap 3e-3)
+           (quick SST-2, 189 steps: 0.028 and 1.7e-3, below the caps; the caps bind on tiny budgets only)
+           Without it, η moved 0.25 → 0.263 and the CPs stayed nearly uniform on a quick budget.
+  ramped   λ grows geometrically per step from the first epoch's value to the last's (the paper's
+           per-epoch values, reached along the way), instead of jumping per epoch: a jump of 50× made
+           Adam's running moments stale and its later steps on η tiny.
+  chosen   φ for the target on calib (calibrate=true and a target > 1): starting at the paper's φ,
+           walked by `phi_factor` (down while the checkpoint's own calib speedup is above the target,
+           up while below; at most `phi_tries` more trainings, each cached; then the bracket's
+           geometric midpoint), keeping the φ whose trained model's own speedup is nearest the target
+           (toolbox.walk_to_target; calib, never dev). Calibration on calib then applies a multiplier
+           on η, recorded in the `learning` block with η's movement, the learned η per layer and the
+           rank correlation of CP_0's scores with the saliency target on calib.
 """
 
 from __future__ import annotations
@@ -69,7 +94,8 @@ from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenStat
 from tokenprune.errors import UserError
 from tokenprune.evaluate import score
 from tokenprune.methods.base import Method
-from tokenprune.methods.toolbox import calib_result, calib_score, meet_target
+from tokenprune.methods.toolbox import (calib_result, calib_score, learning_record, meet_target, rank_correlation,
+                                        travel, travel_lr, walk_to_target)
 from tokenprune.train import MODEL_INPUTS, TrainingDiverged, default_param_groups, task_loss, to_device
 
 log = logging.getLogger(__name__)
@@ -126,6 +152,15 @@ def lambda_schedule(epochs: int, lambdas: Any = None) -> list[float]:
     if epochs == 1:
         return [10.0]
     return [10.0 * (1e4) ** (e / (epochs - 1)) for e in range(epochs)]
+
+
+def lambda_at(step: int, total: int, lambdas: list[float]) -> float:
+    """λ at optimiser step `step` of `total`: geometric from the first epoch's value to the last's
+    (the per-epoch values of a geometric schedule are reached along the way), so λ never jumps."""
+    if total <= 1 or len(lambdas) == 1:
+        return float(lambdas[0])
+    u = min(max(step / (total - 1), 0.0), 1.0)
+    return float(lambdas[0] * (lambdas[-1] / lambdas[0]) ** u)
 
 
 def saliency_of(model: nn.Module, batch: dict) -> Tensor:
@@ -242,13 +277,28 @@ class AdapLeR(Method):
         return {"backbone": self.job.backbone_key, "phase": "adapler-saliency",
                 "checkpoints": self._n_checkpoints()}
 
-    def _train_key(self) -> dict:
+    def _train_key(self, phi: float) -> dict:
         m = self.cfg.method
         params = {k: OmegaConf.to_container(m, resolve=True)[k] for k in (
-            "init", "gamma", "phi", "cp_hidden", "eta_init", "eta_min", "eta_max", "beta", "lambdas", "lr",
-            "eta_lr", "within")}
+            "init", "gamma", "cp_hidden", "eta_init", "eta_min", "eta_max", "beta", "lambdas", "lr", "within")}
+        eta_lr, cp_lr = self._knob_lrs()
+        params.update(phi=float(phi), eta_lr=eta_lr, cp_lr=cp_lr, lambda_ramp="per-step")
         return {"backbone": self.job.backbone_key, "phase": "adapler-train", "saliency": self._saliency_key(),
                 "epochs": int(self.cfg.budget.epochs), "params": params}
+
+    def _steps(self) -> int:
+        return max(1, int(self.cfg.budget.epochs) * len(self.job.loader("train", train=True)))
+
+    def _knob_lrs(self) -> tuple[float, float]:
+        """(η's lr, the CPs' lr): the paper's rates (eta_lr, cp_lr) scaled by the travel rule
+        (toolbox.travel_lr, paper_steps / this budget's steps), or as given with travel=false."""
+        m = self.cfg.method
+        eta_lr, cp_lr = float(m.eta_lr), float(m.cp_lr)
+        if not m.get("travel", True):
+            return eta_lr, cp_lr
+        steps, paper = self._steps(), float(m.paper_steps)
+        return (travel_lr(eta_lr, paper, steps, m.get("eta_lr_max")),
+                travel_lr(cp_lr, paper, steps, m.get("cp_lr_max")))
 
     def _n_checkpoints(self) -> int:
         k = self.cfg.method.saliency_checkpoints
@@ -328,7 +378,7 @@ class AdapLeR(Method):
         report = flops.summarize(result, None, model.config, self.job.backbone.config)
         return float(score(self.cfg.task, result)[1]), report["flops_speedup"]
 
-    def _train(self, tmp: Path) -> tuple[nn.Module, dict]:
+    def _train(self, tmp: Path, phi: float) -> tuple[nn.Module, dict]:
         cfg, job, m = self.cfg, self.job, self.cfg.method
         rows, saliency = self._saliency
         epochs = int(cfg.budget.epochs)
@@ -337,14 +387,15 @@ class AdapLeR(Method):
         model = self._start_model().to(job.device)
         policy = make_policy(model.config, m).to(job.device)
         encoder = PrunableEncoder(model, policy, mode="mask")
-        gamma, phi = float(m.gamma), float(m.phi)
+        gamma = float(m.gamma)
         lo, hi = float(m.eta_min), float(m.eta_max)
+        eta_lr, cp_lr = self._knob_lrs()
 
         model_params = [p for p in list(model.parameters()) + list(policy.cps.parameters()) if p.requires_grad]
         groups = default_param_groups(model, float(m.lr), cfg.train.weight_decay) + \
-            default_param_groups(policy.cps, float(m.lr), cfg.train.weight_decay)
+            default_param_groups(policy.cps, cp_lr, cfg.train.weight_decay)
         opt_model = torch.optim.AdamW(groups, lr=float(m.lr), eps=1e-8)
-        opt_eta = torch.optim.AdamW([policy.eta], lr=float(m.eta_lr), weight_decay=0.0, eps=1e-8)
+        opt_eta = torch.optim.AdamW([policy.eta], lr=eta_lr, weight_decay=0.0, eps=1e-8)
         loader = job.loader("train", train=True)
         total = max(1, epochs * len(loader))
         warm = int(cfg.train.warmup_ratio * total)
@@ -355,9 +406,9 @@ class AdapLeR(Method):
         history, best, step = [], None, 0
         for epoch in range(epochs):
             encoder.train()
-            policy.lam = lambdas[epoch]
             bar = tqdm(loader, desc=f"adapler epoch {epoch + 1}/{epochs}", leave=False, mininterval=2)
             for batch in bar:
+                policy.lam = lambda_at(step, total, lambdas)
                 batch = to_device(batch, job.device)
                 out = encoder(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
                 labels = batch["labels"]
@@ -397,22 +448,86 @@ class AdapLeR(Method):
                         copy.deepcopy({k: v.detach().cpu() for k, v in policy.state_dict().items()}))
         model.load_state_dict(best[2])
         torch.save(best[3], tmp / "policy.pt")
+        chosen = history[best[1] - 1]
         return model, {"history": history, "chosen_epoch": best[1], "chosen_within": bool(best[0][0]),
-                       "finetuned_calib_score": ft_score, "lambdas": lambdas}
+                       "finetuned_calib_score": ft_score, "lambdas": lambdas, "phi": phi, "steps": step,
+                       "eta_lr": eta_lr, "cp_lr": cp_lr, "own_speedup": chosen["calib_speedup"]}
+
+    def _trained(self, phi: float) -> tuple[nn.Module, dict, Path]:
+        return self.job.phases.model("adapler-train", self._train_key(phi), lambda tmp: self._train(tmp, phi))
+
+    def phi_tries(self, target: float) -> int:
+        m = self.cfg.method
+        tries = m.get("phi_tries") or 0
+        if not isinstance(tries, int) or tries < 0:
+            raise UserError(f"method.phi_tries={tries!r} is not valid: give a whole number >= 0 (0: the paper's φ only).")
+        if not float(m.get("phi_factor", 10.0)) > 1:
+            raise UserError(f"method.phi_factor={m.get('phi_factor')} is not valid: give a number > 1, e.g. 10.")
+        return tries if bool(m.calibrate) and target != 1.0 else 0
 
     def train_phases(self, target: float) -> None:
-        """Phases B and C; neither depends on the target (calibration meets it)."""
+        """Phases B and C; C at the φ walked to the target on calib (the paper's φ without a target)."""
         self._saliency = self.saliency()
-        self._model, info, path = self.job.phases.model("adapler-train", self._train_key(), self._train)
+        trained: dict[float, tuple] = {}
+
+        def own_speedup(phi: float) -> float:
+            trained[phi] = (*self._trained(phi), self.job.phases.record["adapler-train"])
+            return trained[phi][1]["own_speedup"]
+
+        phi, self._phi_grid = walk_to_target(float(self.cfg.method.phi), own_speedup, target,
+                                             tries=self.phi_tries(target), factor=float(self.cfg.method.get("phi_factor", 10.0)))
+        self._model, info, path, phase_record = trained[phi]
+        self.job.phases.record["adapler-train"] = phase_record  # the chosen φ's phase, not the last one walked
         # phase C trains the backbone every step of every epoch
         self.retrained_steps = int(self.cfg.budget.epochs) * len(self.job.loader("train", train=True))
         self._policy = make_policy(self._model.config, self.cfg.method).to(self.job.device)
         self._policy.load_state_dict(torch.load(path / "policy.pt"))
         self._policy.eval()
+        self._info = info
         self.job.info.setdefault("adapler", {})["train"] = info
 
     # -- knob ---------------------------------------------------------------------------------
+    def saliency_agreement(self) -> float | None:
+        """Rank correlation, on calib, of CP_0's scores (every token alive) with the saliency target
+        (gradient × input of the fine-tuned backbone), per example over real tokens, averaged."""
+        policy, job = self._policy, self.job
+        base, _ = backbone_parts(self._model)
+        scores, signal, masks = [], [], []
+        for batch in job.loader("calib"):
+            batch = to_device(batch, job.device)
+            sal = saliency_of(job.backbone, batch)
+            with torch.no_grad():
+                h = base.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+                z = policy.cps[0](h).squeeze(-1)
+            mask = batch["attention_mask"].bool()
+            scores += list(z.cpu())
+            signal += list(sal.cpu())
+            masks += list(mask.cpu())
+        return rank_correlation(scores, signal, masks)
+
+    def learning_block(self, target: float, scale: float, applied: bool) -> dict:
+        info, m = self._info, self.cfg.method
+        eta = self._policy.eta.detach().cpu().tolist()
+        steps = int(info.get("steps", self._steps()))
+        return learning_record(
+            self.name,
+            {"eta": {"initial": float(m.eta_init), "final": eta, "bounds": (float(m.eta_min), float(m.eta_max)),
+                     "lr": info.get("eta_lr")}},
+            schedule=eta, target=target, own_speedup=info.get("own_speedup"),
+            calibration={"kind": "multiplier on every η_ℓ", "multiplier": round(float(scale), 6), "applied": applied},
+            rank_corr=self.saliency_agreement(), signal="saliency (CP_0 scores on calib)",
+            extra={"phi": info.get("phi"), "phi_grid": self._phi_grid, "cp_lr": info.get("cp_lr"), "steps": steps,
+                   "paper_steps": float(m.paper_steps),
+                   "travel_eta": None if info.get("eta_lr") is None else round(travel(steps, info["eta_lr"]), 4),
+                   "paper_travel_eta": round(travel(float(m.paper_steps), float(m.eta_lr)), 4),
+                   "lambda_first_last": [info["lambdas"][0], info["lambdas"][-1]]})
+
     def choose_knob(self, target: float) -> dict:
+        knob = self._choose_knob(target)
+        self.learning = self.learning_block(target, knob["eta_scale"], bool(self.cfg.method.calibrate))
+        return knob
+
+    def _choose_knob(self, target: float) -> dict:
         policy, model = self._policy, self._model
         eta = policy.eta.detach().cpu().tolist()
         if not self.cfg.method.calibrate:
@@ -425,7 +540,7 @@ class AdapLeR(Method):
 
         # at the extreme scale every CP_0 threshold exceeds any share (δ > 1): only [CLS] goes on
         top = (max(self.job.splits["calib"]["length"]) + 1) / max(min(eta), 1e-6)
-        scale, achieved = meet_target(speed, target, gentle=1e-4, extreme=top, geometric=True,
+        scale, achieved = meet_target(speed, target, gentle=1e-9, extreme=top, geometric=True,
                                       steps=int(self.cfg.method.max_scale_iters), method="adapler",
                                       extreme_means="even keeping only [CLS] from layer 0 on")
         policy.scale = scale

@@ -71,6 +71,9 @@ class Method:
     # optimiser steps the method's phases trained the backbone's weights beyond fine-tuning: the runner
     # trains the full model as long (the equal-training control) when it is not 0
     retrained_steps: int = 0
+    # a learned method's `learning` block (toolbox.learning_record): how far its knobs moved, the
+    # schedule it learned, its own speedup against the target and what calibration applied; None otherwise
+    learning: dict | None = None
 
     def __init__(self, job: Job):
         self.job = job

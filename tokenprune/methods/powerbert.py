@@ -28,6 +28,27 @@ meets `speedup` (bisection, analytic: counts depend only on lengths). Phases 1-2
 targets; phase 3 is keyed on the scaled configuration. With `speedup=1` (the default: no target) or
 `calibrate: false`, the learned configuration is used as it is: λ is the knob, as in the
 paper (`python run.py -m method=powerbert method.lambda=1e-4,3e-4,1e-3`).
+
+What is kept from the paper, and what is scaled to the budget (issue 19):
+  kept     the Soft-Extract layer, the loss CE + Σ_j λ·j·Σ_k r_j[k], r initialised to 1 and clipped to
+           [0, 1], the read-out, Hard-Extract and the re-training phase; the paper's λ as the start
+           of the walk below.
+  scaled   LR_SOFT_EXTRACT. Adam moves a parameter by at most its learning rate per step, and with
+           warm-up and linear decay the total movement is 0.5·steps·lr. The paper's search runs
+           `paper_steps` = 3 epochs × ceil(train size / BATCH_SIZE) (its table; 3159 on SST-2), so the
+           retention parameters can travel 0.5·paper_steps·LR_SOFT_EXTRACT (0.79 on SST-2). Here
+           lr = LR_SOFT_EXTRACT · paper_steps / steps (toolbox.travel_lr), with `steps` this budget's
+           search steps: the same travel on any budget. Without it, a quick budget's search moved r
+           by 0.047 and returned a flat schedule.
+  chosen   λ for the target: with a target (speedup > 1, calibrate=true) the search starts at the
+           paper's λ and walks by `lambda_factor` (down while the learned configuration's own calib
+           speedup is above the target, up while below; at most `lambda_tries` more searches, each
+           cached, then the geometric midpoint of the bracket); the λ whose own speedup is nearest the
+           target is kept (toolbox.walk_to_target; calib, never dev). Adam moves every retention
+           parameter at about its lr whatever λ's size once λ·j outweighs the task gradient, so λ only
+           shapes the schedule near the task gradient's scale, which the budget and model decide.
+           Calibration then scales that configuration by a multiplier near 1, recorded in the
+           `learning` block with the learned per-layer schedule and its own speedup.
 """
 
 from __future__ import annotations
@@ -46,7 +67,8 @@ from tokenprune import flops
 from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenState
 from tokenprune.errors import UserError
 from tokenprune.methods.base import Method
-from tokenprune.methods.toolbox import calib_score, meet_target
+from tokenprune.methods.toolbox import (calib_score, learning_record, meet_target, travel, travel_lr,
+                                        walk_to_target)
 from tokenprune.methods.topk import kept_count, keep_top, significance
 from tokenprune.train import default_param_groups, fit, task_loss
 
@@ -207,10 +229,15 @@ class PowerBert(Method):
     retrain_kind = "powerbert-retrain"
 
     # -- hyper-parameters
+    def paper_entry(self) -> dict:
+        m = self.cfg.method
+        return (m.get("paper") or {}).get(self.cfg.task.name) or m.fallback
+
     def hparams(self) -> tuple[float, float]:
-        """(λ, LR_SOFT_EXTRACT): the config's, or the paper's value for this task (its hyper-parameter table), or the fallback."""
-        m, task = self.cfg.method, self.cfg.task.name
-        paper = (m.get("paper") or {}).get(task) or m.fallback
+        """(λ, LR_SOFT_EXTRACT): the config's, or the paper's value for this task (its hyper-parameter
+        table), or the fallback. LR_SOFT_EXTRACT is the paper's rate, before the travel rule."""
+        m = self.cfg.method
+        paper = self.paper_entry()
         lam = m.get("lambda")
         lam = float(paper["lambda"] if lam is None else lam)
         lr = m.get("lr_soft_extract")
@@ -221,19 +248,50 @@ class PowerBert(Method):
             raise UserError(f"method.lr_soft_extract={lr} is not valid: give a positive number, e.g. 1e-3.")
         return lam, lr
 
-    def search_key(self) -> dict:
-        lam, lr = self.hparams()
+    def search_steps(self) -> int:
+        return int(self.cfg.budget.epochs) * len(self.job.loader("train", train=True))
+
+    def paper_steps(self) -> float | None:
+        """The paper recipe's search steps for this task (config `paper_steps`; null: no travel rule)."""
+        steps = self.cfg.method.get("paper_steps")
+        if steps is None:
+            steps = self.paper_entry().get("paper_steps")
+        return None if steps is None else float(steps)
+
+    def soft_lr(self) -> float:
+        """The retention parameters' learning rate: LR_SOFT_EXTRACT · paper_steps / steps (the travel rule),
+        or LR_SOFT_EXTRACT itself when `method.travel` is false or no paper_steps is known."""
+        _, lr = self.hparams()
+        paper_steps = self.paper_steps()
+        if not self.cfg.method.get("travel", True) or paper_steps is None:
+            return lr
+        return travel_lr(lr, paper_steps, self.search_steps())
+
+    def lambda_tries(self, target: float) -> int:
+        """How many more λ the walk may search for this target: `lambda_tries` with a target to meet, 0
+        otherwise (speedup=1 or calibrate=false: λ is the knob, as in the paper)."""
+        tries = self.cfg.method.get("lambda_tries") or 0
+        if not isinstance(tries, int) or tries < 0:
+            raise UserError(f"method.lambda_tries={tries!r} is not valid: give a whole number >= 0 (0: the paper's λ only).")
+        factor = float(self.cfg.method.get("lambda_factor", 10.0))
+        if not (math.isfinite(factor) and factor > 1):
+            raise UserError(f"method.lambda_factor={factor} is not valid: give a number > 1, e.g. 10.")
+        return tries if bool(self.cfg.method.calibrate) and target != 1.0 else 0
+
+    def search_key(self, lam: float | None = None) -> dict:
+        lam = self.hparams()[0] if lam is None else lam
         return {"backbone": self.job.backbone_key, "phase": "powerbert-search", "lambda": lam,
-                "lr_soft_extract": lr, "epochs": int(self.cfg.budget.epochs), "lr": float(self.cfg.train.lr)}
+                "lr_soft_extract": self.soft_lr(), "epochs": int(self.cfg.budget.epochs), "lr": float(self.cfg.train.lr)}
 
     def _layers(self) -> int:
         return flops.dims(self.job.backbone.config).layers
 
     # -- phase 2
-    def search(self) -> tuple[nn.Module, dict]:
-        """Phase 2 (cached): the searched model and the learned configuration."""
+    def search(self, lam: float | None = None) -> tuple[nn.Module, dict]:
+        """Phase 2 (cached) at λ (default: the config's): the searched model and the learned configuration."""
         job, cfg = self.job, self.cfg
-        lam, lr_soft = self.hparams()
+        lam = self.hparams()[0] if lam is None else lam
+        lr_soft = self.soft_lr()
 
         def train(tmp: Path):
             torch.manual_seed(cfg.seed)
@@ -264,10 +322,28 @@ class PowerBert(Method):
                 "lambda": lam, "lr_soft_extract": lr_soft, "history": info["history"],
             }
 
-        model, learned, _ = job.phases.model("powerbert-search", self.search_key(), train)
-        self.retrained_steps += learned["history"][-1]["steps"]
-        log.info(f"powerbert search: learned keep fractions {['%.3f' % f for f in learned['fractions']]}")
+        model, learned, _ = job.phases.model("powerbert-search", self.search_key(lam), train)
+        log.info(f"powerbert search (λ={lam:g}): learned keep fractions {['%.3f' % f for f in learned['fractions']]}")
         return model, learned
+
+    def learned_speedup(self, learned: dict) -> float:
+        """The learned configuration's own canonical FLOPs speedup on calib (before any scaling)."""
+        return config_speedup(self.job.splits["calib"]["length"], self.job.backbone.config, learned["fractions"])
+
+    def search_for(self, target: float) -> tuple[nn.Module, dict, list[dict]]:
+        """Phase 2 at the λ chosen for the target on calib (one λ without a target): (model, learned, grid)."""
+        found: dict[float, tuple] = {}
+
+        def own_speedup(lam: float) -> float:
+            found[lam] = (*self.search(lam), self.job.phases.record["powerbert-search"])
+            return self.learned_speedup(found[lam][1])
+
+        lam, grid = walk_to_target(self.hparams()[0], own_speedup, target, tries=self.lambda_tries(target),
+                                   factor=float(self.cfg.method.get("lambda_factor", 10.0)))
+        model, learned, phase_record = found[lam]
+        self.job.phases.record["powerbert-search"] = phase_record  # the chosen λ's phase, not the last one walked
+        self.retrained_steps += learned["history"][-1]["steps"]
+        return model, learned, grid
 
     # -- the configuration for a target
     def configure(self, learned: dict, target: float) -> dict:
@@ -282,10 +358,9 @@ class PowerBert(Method):
             scale, scaled, calib_speedup = calibrate_scale(lengths, config, fractions, target, self.name)
         else:
             scale, scaled, calib_speedup = 1.0, list(fractions), config_speedup(lengths, config, fractions)
-        lam, lr_soft = self.hparams()
         return {
             "knob": "speedup" if by_target else "lambda",
-            "lambda": lam, "lr_soft_extract": lr_soft,
+            "lambda": learned["lambda"], "lr_soft_extract": learned["lr_soft_extract"],
             "learned_fractions": [round(f, 6) for f in fractions],
             "learned_counts": learned["counts"], "max_length": learned["max_length"],
             "scale": scale,
@@ -301,9 +376,9 @@ class PowerBert(Method):
     def attach(self, model: nn.Module, policy: TokenPolicy) -> None:
         """Hook for subclasses that need the model's inputs (random: per-example seeds)."""
 
-    def retrain(self, searched: nn.Module, fractions: list[float]) -> nn.Module:
+    def retrain(self, searched: nn.Module, fractions: list[float], lam: float | None = None) -> nn.Module:
         job, cfg = self.job, self.cfg
-        key = {"backbone": job.backbone_key, "search": self.search_key(), "fractions": fractions,
+        key = {"backbone": job.backbone_key, "search": self.search_key(lam), "fractions": fractions,
                "policy": self.retrain_kind, "epochs": int(cfg.budget.epochs), "lr": float(cfg.train.lr),
                "mode": "gather"}
 
@@ -332,12 +407,33 @@ class PowerBert(Method):
 
     # -- the Method hooks
     def train_phases(self, target: float) -> None:
-        searched, learned = self.search()
+        searched, learned, grid = self.search_for(target)
         # the schedule phase 3 re-trains at is the target's: calibrated here, on calib's lengths
         self.knob = self.configure(learned, target)
-        self._model = self.retrain(searched, self.knob["fractions"])
+        self.learning = self.learning_block(learned, grid, target)
+        self._model = self.retrain(searched, self.knob["fractions"], learned["lambda"])
         self._policy = self.make_policy(self.knob["fractions"]).eval()
         self.attach(self._model, self._policy)
+
+    def learning_block(self, learned: dict, grid: list[dict], target: float) -> dict:
+        """The record's `learning` block: the retention mass per layer (mean r_j, from 1), the learned
+        schedule, its own calib speedup against the target and the calibration multiplier."""
+        retention = learned.get("retention_sums")
+        N = learned["max_length"]
+        mass = [round((float(r) - 1.0) / (N - 1), 6) for r in retention] if retention else learned["fractions"]
+        steps = int(learned["history"][-1]["steps"])
+        paper_steps = self.paper_steps()
+        _, paper_lr = self.hparams()
+        return learning_record(
+            self.name,
+            {"retention": {"initial": [1.0] * len(mass), "final": mass, "bounds": (0.0, 1.0),
+                           "lr": learned["lr_soft_extract"]}},
+            schedule=learned["fractions"], target=target, own_speedup=self.learned_speedup(learned),
+            calibration={"kind": "multiplier on the keep fractions", "multiplier": round(float(self.knob["scale"]), 6),
+                         "applied": self.knob["knob"] == "speedup"},
+            extra={"lambda": learned["lambda"], "lambda_grid": grid, "steps": steps, "paper_steps": paper_steps,
+                   "travel": round(travel(steps, learned["lr_soft_extract"]), 4),
+                   "paper_travel": None if paper_steps is None else round(travel(paper_steps, paper_lr), 4)})
 
     def choose_knob(self, target: float) -> dict:
         """The configuration fit re-trained at: re-training does not change token counts, so the

@@ -8,12 +8,18 @@
   (never on dev).
 - `meet_target`: the knob search that meets a speedup target (bisection, geometric bisection or a
   scan), with the one sentence for a target out of reach.
+- `travel`, `travel_scale`, `travel_lr`: the learning-rate rule that makes a learned knob able to move
+  as far on this budget as in the paper's recipe (see `travel`).
+- `choose_for_target`: a regulariser weight chosen from a small grid on calib, so that the learned
+  operating point is near the target before calibration corrects it.
+- `rank_correlation`, `learning_record`: the `learning` block of a learned method's record.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -24,8 +30,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification
 
+from scipy.stats import spearmanr
+
 from tokenprune.errors import UserError
 from tokenprune.evaluate import EvalResult, run_eval, score
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from tokenprune.cache import Cache
@@ -156,4 +166,142 @@ def meet_target(speedup_at: Callable[[float], float], target: float, *, gentle: 
     return hi, s_hi
 
 
-__all__ = ["Phases", "load_model", "calib_result", "calib_score", "teacher_logits", "examples_id", "meet_target"]
+# ---- how far a learned knob can move -----------------------------------------------------------
+
+def travel(steps: int, lr: float) -> float:
+    """The most a parameter can move under Adam(W) with warm-up and linear decay to 0: Adam moves a
+    parameter by at most about its learning rate per step, and the schedule's area is 0.5·steps·lr
+    (a triangle, whatever the warm-up fraction)."""
+    return 0.5 * float(steps) * float(lr)
+
+
+def travel_scale(steps: int, paper_steps: float) -> float:
+    """paper_steps / steps: the factor on a knob's learning rate that makes its travel on `steps`
+    steps equal the paper recipe's (0.5·steps·lr = 0.5·paper_steps·paper_lr). 1 at the paper's steps."""
+    return float(paper_steps) / max(1, int(steps))
+
+
+def travel_lr(paper_lr: float, paper_steps: float, steps: int, max_lr: float | None = None) -> float:
+    """The rule for a learned knob's learning rate: lr = paper_lr · paper_steps / steps, so that the
+    movement possible on this budget, 0.5·steps·lr, matches the paper recipe's, 0.5·paper_steps·paper_lr.
+    `max_lr` caps it (one step never moves a knob further than that)."""
+    lr = float(paper_lr) * travel_scale(steps, paper_steps)
+    return min(lr, float(max_lr)) if max_lr is not None else lr
+
+
+def choose_for_target(values: Iterable[float], own_speedup: Callable[[float], float], target: float
+                      ) -> tuple[float, list[dict]]:
+    """(value, grid): the regulariser weight of `values` whose learned operating point's own calib
+    speedup (`own_speedup(value)`, training included) is nearest `target` in ratio (|log(s/target)|;
+    ties: the first). With one value there is no choice. The grid is returned for the record."""
+    grid = []
+    for v in values:
+        s = float(own_speedup(float(v)))
+        grid.append({"value": float(v), "own_speedup": round(s, 4)})
+    if not grid:
+        raise UserError("the regulariser grid is empty: give at least one value.")
+    best = min(grid, key=lambda g: abs(math.log(max(g["own_speedup"], 1e-9) / float(target))))
+    return best["value"], grid
+
+
+def walk_to_target(start: float, own_speedup: Callable[[float], float], target: float, *, factor: float = 10.0,
+                   tries: int = 4, refine: bool = True) -> tuple[float, list[dict]]:
+    """(value, grid): a regulariser weight for the target, from `start` (the paper's). The learned
+    operating point's own speedup grows with the weight, so: evaluate `start`; while its own speedup is
+    on the same side of the target, divide (above it) or multiply (below it) by `factor`, at most
+    `tries` more values; once the target is bracketed, `refine` tries the geometric midpoint. The value
+    whose own speedup is nearest the target in ratio is kept (`choose_for_target`). tries=0: `start`."""
+    seen: dict[float, float] = {}
+
+    def at(v: float) -> float:
+        if v not in seen:
+            seen[v] = float(own_speedup(v))
+        return seen[v]
+
+    value, s = float(start), at(float(start))
+    above = s > target
+    bracket = None
+    for _ in range(int(tries)):
+        nxt = value / factor if above else value * factor
+        s_next = at(nxt)
+        if (s_next > target) != above:
+            bracket = (value, nxt)
+            break
+        value = nxt
+    if bracket is not None and refine:
+        at(math.sqrt(bracket[0] * bracket[1]))
+    return choose_for_target(list(seen), lambda v: seen[v], target)
+
+
+# ---- the learning block of a record ---------------------------------------------------------------
+
+def rank_correlation(scores: Iterable, signal: Iterable, masks: Iterable | None = None) -> float | None:
+    """Spearman's rank correlation of a method's token scores with its training signal, per example
+    over its real tokens (`masks`, or every entry), averaged over the examples that have at least 3
+    tokens and no constant side. None when no example qualifies."""
+    values = []
+    scores, signal = list(scores), list(signal)
+    masks = list(masks) if masks is not None else [None] * len(scores)
+    for a, b, m in zip(scores, signal, masks):
+        a = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64).ravel()
+        b = np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b, dtype=np.float64).ravel()
+        if m is not None:
+            m = np.asarray(m.detach().cpu() if isinstance(m, torch.Tensor) else m, dtype=bool).ravel()
+            a, b = a[m], b[m]
+        if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+            continue
+        values.append(float(spearmanr(a, b).statistic))
+    return round(float(np.mean(values)), 4) if values else None
+
+
+def _rounded(x):
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [_rounded(v) for v in x]
+    return round(float(x), 6)
+
+
+def learning_record(method: str, knobs: dict[str, dict], *, target: float, own_speedup: float | None,
+                    calibration: dict, schedule: list | None = None, rank_corr: float | None = None,
+                    signal: str | None = None, extra: dict | None = None, tol: float = 1e-6) -> dict:
+    """The `learning` block of a learned method's record: what training did, apart from calibration.
+
+    knobs: {name: {"initial", "final" (a number or a per-layer list), "bounds": (lo, hi) or None,
+    "lr": the learning rate it trained at, optional}}. For each: initial, final, moved (the largest
+    |final − initial|) and the entries at a bound of the optimiser's clip; an entry at a bound is a
+    warning (in the block and the log). own_speedup: the learned operating point's calib speedup before
+    calibration, against `target`; calibration: what calibration then applied (e.g. the multiplier).
+    schedule: the learned per-layer schedule; rank_corr: the rank correlation of the method's token
+    scores with its own training signal (`signal` names it) on calib."""
+    block: dict = {"knobs": {}, "warnings": []}
+    for name, k in knobs.items():
+        ini, fin = np.asarray(k["initial"], dtype=np.float64), np.asarray(k["final"], dtype=np.float64)
+        entry = {"initial": _rounded(k["initial"]), "final": _rounded(k["final"]),
+                 "moved": round(float(np.max(np.abs(np.broadcast_to(ini, fin.shape) - fin))) if fin.size else 0.0, 6)}
+        if k.get("lr") is not None:
+            entry["lr"] = float(k["lr"])
+        bounds = k.get("bounds")
+        if bounds is not None:
+            lo, hi = bounds
+            at = [i for i, v in enumerate(np.atleast_1d(fin)) if (lo is not None and v <= lo + tol)
+                  or (hi is not None and v >= hi - tol)]
+            entry["bounds"], entry["at_bound"] = [lo, hi], at
+            if at:
+                block["warnings"].append(f"{method}: {name} sits at its optimiser bound {[lo, hi]} at "
+                                         f"{'entries' if fin.ndim else 'value'} {at if fin.ndim else float(fin)}")
+        block["knobs"][name] = entry
+    block["schedule"] = _rounded(schedule) if schedule is not None else None
+    block["rank_correlation"] = rank_corr
+    block["rank_correlation_signal"] = signal
+    block["target"] = float(target)
+    block["own_speedup"] = None if own_speedup is None else round(float(own_speedup), 4)
+    block["own_vs_target"] = None if own_speedup is None else round(float(own_speedup) / float(target), 4)
+    block["calibration"] = calibration
+    if extra:
+        block.update(extra)
+    for w in block["warnings"]:
+        log.warning(w)
+    return block
+
+
+__all__ = ["Phases", "load_model", "calib_result", "calib_score", "teacher_logits", "examples_id", "meet_target",
+           "travel", "travel_scale", "travel_lr", "choose_for_target", "walk_to_target", "rank_correlation", "learning_record"]

@@ -46,6 +46,34 @@ Choices and deviations from the original, on purpose:
   * K, the epochs and the examples of B–E are capped by the budget (`budget.rl_rollouts`,
     `rl_epochs`, `rl_max_examples`); no checkpoint
     selection in C and E (the last epoch's weights; never dev).
+
+What is kept from the paper, and what is scaled to the budget (issue 19):
+  kept     the selectors, the phase-B scores, B′'s rank targets and L1 loss, the reward −task − α·ΔL,
+           the per-example mean baseline, the REINFORCE loss, the heuristic imitation of phase C,
+           phase E's soft cross-entropy to the teacher, the hard rule at inference.
+  switched on  phase B′ (init_selector: true), which the original README recommends where data is
+           small (IMDB): with few rollouts the selectors must start from the phase-B ranking.
+  scaled   the selectors' learning rate by the travel rule (toolbox.travel_lr): Adam moves a parameter
+           by at most its lr per step, 0.5·steps·lr in all with warm-up and linear decay; the paper
+           trains them at 3e-5 for paper_steps = 3 epochs × ceil(25,000 / 32) = 2,346 steps per phase
+           (IMDB), so here selector_lr = min(3e-5 · 2,346 / steps, selector_lr_max), with `steps` the
+           phase's own steps (B′, C and E each).
+  rollouts the rule: K = min(method.rollouts (the paper's 8), budget.rl_rollouts) per example, on
+           min(train, budget.rl_max_examples) examples for min(budget.epochs, budget.rl_epochs)
+           epochs; the record's `learning` block gives the rollouts seen (K × examples × epochs)
+           against the paper's 8 × 25,000 × 3 = 600,000. What the smaller count cannot give is
+           made up by B′'s warm start and the scaled rate, not by more rollouts.
+  one operating point  phase E trains at the threshold calibrated on calib for the target with the
+           phase-C selectors (rollouts sample σ(z − τ₀), so keep iff z ≥ τ₀ is the mode of the
+           policy), and inference recalibrates on calib as a small final correction: the record
+           gives τ₀, the final τ and the learned model's own speedup at τ₀ against the target.
+  chosen   α_E for the target on calib: from alpha·(target − 1), walked by `alpha_factor` (down while
+           the trained model's own calib speedup at τ₀ is above the target, up while below; at most
+           `alpha_tries` more phase-E trainings, each cached), keeping the α whose own speedup is
+           nearest the target (toolbox.walk_to_target; calib, never dev).
+  diagnostics  the rank correlation of the selectors' logits with the phase-B scores on calib (per
+           point and example over real non-[CLS] tokens, averaged), and each point's keep rate at
+           p ≥ 0.5 before training (fresh selectors) and at τ₀ after.
 """
 
 from __future__ import annotations
@@ -69,12 +97,13 @@ from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenStat
 from tokenprune.errors import UserError
 from tokenprune.evaluate import run_eval
 from tokenprune.methods.base import Method
-from tokenprune.methods.toolbox import meet_target, teacher_logits
+from tokenprune.methods.toolbox import (learning_record, meet_target, rank_correlation, teacher_logits, travel,
+                                        travel_lr, walk_to_target)
 from tokenprune.train import default_param_groups, fit, task_loss, to_device
 
 log = logging.getLogger(__name__)
 
-CODE = "trbert-1"  # bump when a phase's code changes what it produces
+CODE = "trbert-2"  # bump when a phase's code changes what it produces
 
 
 # ---- geometry ------------------------------------------------------------------------------------
@@ -170,6 +199,9 @@ class TrBertPolicy(TokenPolicy):
         return torch.zeros_like(cand).scatter_(1, top, chosen)
 
     def _sample(self, s: int, z: Tensor, cand: Tensor, state: TokenState) -> Tensor:
+        # rollouts sample around the inference threshold: keep iff z ≥ tau is keep iff σ(z − tau) ≥ 0.5
+        with torch.enable_grad() if self.training else nullcontext():
+            z = z - self.tau
         p = torch.sigmoid(z.detach())
         action = (torch.bernoulli(p) > 0) & cand
         if self.guide is not None and self.guide_rows is not None and bool(self.guide_rows.any()):
@@ -299,6 +331,17 @@ class TrBert(Method):
         cap = self._cap("rl_epochs")
         return min(int(self.cfg.budget.epochs), cap) if cap else int(self.cfg.budget.epochs)
 
+    def selector_lr(self, steps: int) -> float:
+        """The selectors' rate for a phase of `steps` steps: selector_lr (the paper's 3e-5) ×
+        paper_steps / steps, capped at selector_lr_max (the travel rule); as given with travel=false."""
+        m = self.cfg.method
+        if not m.get("travel", True):
+            return float(m.selector_lr)
+        return travel_lr(float(m.selector_lr), float(m.paper_steps), steps, m.get("selector_lr_max"))
+
+    def phase_steps(self) -> int:
+        return max(1, self.epochs * len(self._loader(True, int(self.cfg.method.batch_size))))
+
     def alpha(self) -> float:
         """The task's α (phase C; phase E with calibrate=false)."""
         m = self.cfg.method
@@ -385,7 +428,7 @@ class TrBert(Method):
         policy = self._new_policy()
         init_state = None
         if m.init_selector:
-            key_i = {**key_b, "phase": "init", "epochs": self.epochs, "lr": float(m.selector_lr),
+            key_i = {**key_b, "phase": "init", "epochs": self.epochs, "lr": self.selector_lr(self.phase_steps()),
                      "hidden": int(m.selector_hidden), "seed": cfg.seed, "batch_size": int(m.batch_size)}
 
             def make_init(tmp: Path) -> None:
@@ -402,7 +445,7 @@ class TrBert(Method):
 
         # C: selectors alone by REINFORCE, backbone frozen
         key_c = {**key_b, "phase": "rl", "init": key_c_init, "alpha": self.alpha(), "rollouts": self.rollouts,
-                 "epochs": self.epochs, "lr": float(m.selector_lr), "guide_rate": float(m.guide_rate),
+                 "epochs": self.epochs, "lr": self.selector_lr(self.phase_steps()), "guide_rate": float(m.guide_rate),
                  "hidden": int(m.selector_hidden), "seed": cfg.seed, "batch_size": int(m.batch_size),
                  "train": OmegaConf.to_container(cfg.train, resolve=True)}
 
@@ -426,26 +469,66 @@ class TrBert(Method):
         # D: the backbone's logits on the training examples (the shared teacher-logits phase)
         teacher = teacher_logits(job, self.train_examples)
 
-        # E: joint training with the target's α
-        key_e = {**key_c, "phase": "joint", "rl": key_c, "alpha_joint": self.alpha_joint(target),
-                 "lr_backbone": float(m.lr), "detach": bool(m.detach_selector_input),
-                 "temperature": float(m.teacher_temperature)}
+        # the operating point E trains at: the threshold the phase-C selectors need for the target on calib
+        self.tau0, self.tau0_speedup = self._fit_threshold(job.backbone, policy, target)
+        pol_c = policy.state_dict()
 
-        def train_joint(tmp: Path):
-            torch.manual_seed(cfg.seed)
-            backbone = copy.deepcopy(job.backbone).to(device)
+        def train_joint(alpha_e: float):
+            key_e = {**key_c, "phase": "joint", "rl": key_c, "alpha_joint": alpha_e, "tau": self.tau0,
+                     "lr_backbone": float(m.lr), "detach": bool(m.detach_selector_input),
+                     "temperature": float(m.teacher_temperature)}
+
+            def train(tmp: Path):
+                torch.manual_seed(cfg.seed)
+                backbone = copy.deepcopy(job.backbone).to(device)
+                pol = self._new_policy()
+                pol.load_state_dict(pol_c)
+                pol.detach_input = bool(m.detach_selector_input)
+                pol.tau = self._tau_for_training()
+                hist = self._reinforce(backbone, pol, scores, alpha_e, joint=True, teacher=teacher)
+                torch.save(pol.state_dict(), tmp / "policy.pt")
+                return backbone, hist
+
+            model, info, path = job.phases.model("trbert-joint", key_e, train)
             pol = self._new_policy()
-            pol.load_state_dict(policy.state_dict())
-            pol.detach_input = bool(m.detach_selector_input)
-            hist = self._reinforce(backbone, pol, scores, self.alpha_joint(target), joint=True, teacher=teacher)
-            torch.save(pol.state_dict(), tmp / "policy.pt")
-            return backbone, hist
+            pol.load_state_dict(torch.load(path / "policy.pt", map_location="cpu"))
+            return model, info, pol, job.phases.record["trbert-joint"]
 
-        model, info, path = job.phases.model("trbert-joint", key_e, train_joint)
+        # E: joint training, α walked to the target on calib (own speedup at the training threshold)
+        trained: dict[float, tuple] = {}
+
+        def own_speedup(alpha_e: float) -> float:
+            trained[alpha_e] = train_joint(alpha_e)
+            model, _, pol, _ = trained[alpha_e]
+            return self._speedup_with(model, pol, self._tau_for_training(), self.job.loader("calib"))
+
+        alpha_e, self.alpha_grid = walk_to_target(self.alpha_joint(target), own_speedup, target,
+                                                  tries=self.alpha_tries(target),
+                                                  factor=float(m.get("alpha_factor", 10.0)))
+        model, info, policy, phase_record = trained[alpha_e]
+        job.phases.record["trbert-joint"] = phase_record  # the chosen α's phase, not the last one walked
+        self.alpha_e = alpha_e
+        self.own_speedup = next(g["own_speedup"] for g in self.alpha_grid if g["value"] == alpha_e)
+        job.info["alpha_joint"] = alpha_e
         self.retrained_steps = info["history"][-1]["steps"]  # phase E; phase C leaves the backbone frozen
-        policy = self._new_policy()
-        policy.load_state_dict(torch.load(path / "policy.pt", map_location="cpu"))
         self._model, self._policy = model, policy
+
+    def _tau_for_training(self) -> float:
+        """The threshold logit phase E samples around: the calibrated τ₀, or the fixed threshold's logit."""
+        m = self.cfg.method
+        if m.calibrate:
+            return float(self.tau0) if math.isfinite(self.tau0) else 20.0
+        return math.log(float(m.threshold) / (1 - float(m.threshold)))
+
+    def alpha_tries(self, target: float) -> int:
+        m = self.cfg.method
+        tries = m.get("alpha_tries") or 0
+        if not isinstance(tries, int) or tries < 0:
+            raise UserError(f"method.alpha_tries={tries!r} is not valid: give a whole number >= 0 (0: alpha·(speedup − 1) only).")
+        if not float(m.get("alpha_factor", 10.0)) > 1:
+            raise UserError(f"method.alpha_factor={m.get('alpha_factor')} is not valid: give a number > 1, e.g. 10.")
+        # α_E = 0 at speedup=1: a walk by factors cannot leave 0
+        return tries if bool(m.calibrate) and target != 1.0 and self.alpha_joint(target) > 0 else 0
 
     def _init_selectors(self, policy: TrBertPolicy, scores: dict[int, np.ndarray]) -> None:
         device, backbone = self.job.device, self.job.backbone
@@ -464,7 +547,7 @@ class TrBert(Method):
                 loss = loss + (err.sum(1) / mask.sum(1)).mean()
             return loss
 
-        groups = [{"params": list(policy.parameters()), "lr": float(self.cfg.method.selector_lr), "weight_decay": 0.0}]
+        groups = [{"params": list(policy.parameters()), "lr": self.selector_lr(self.phase_steps()), "weight_decay": 0.0}]
         try:
             fit(trainer, self._loader(True, int(self.cfg.method.batch_size)), train_cfg=self.cfg.train,
                 epochs=self.epochs, device=device, step_fn=step, param_groups=groups, log_fn=self.job.log,
@@ -513,7 +596,7 @@ class TrBert(Method):
         def after(step_no: int) -> None:
             state["step"] = step_no
 
-        groups = [{"params": list(policy.parameters()), "lr": float(m.selector_lr), "weight_decay": 0.0}]
+        groups = [{"params": list(policy.parameters()), "lr": self.selector_lr(self.phase_steps()), "weight_decay": 0.0}]
         if joint:
             groups += default_param_groups(backbone, float(m.lr), float(self.cfg.train.weight_decay))
         try:
@@ -531,32 +614,41 @@ class TrBert(Method):
         return info
 
     # ---- the knob -------------------------------------------------------------------------------------
-    def _speedup_at(self, tau: float, loader) -> float:
-        policy = self.policy_at(tau)
-        res = run_eval(self._model, policy, loader, self.job.device, mode="gather", progress=False)
+    def _speedup_with(self, model: nn.Module, policy: TrBertPolicy, tau: float, loader) -> float:
+        pol = self._new_policy()
+        pol.load_state_dict(policy.state_dict())
+        pol.tau, pol.batch_max, pol.action = tau, bool(self.cfg.method.batch_max), "threshold"
+        pol = pol.to(self.job.device).eval()
+        res = run_eval(model, pol, loader, self.job.device, mode="gather", progress=False)
         base = flops.canonical_baseline(res.lengths, self.job.backbone.config)
-        ours = flops.canonical_flops(res.attn_tokens, res.ffn_tokens, self._model.config, res.selector_flops)
+        ours = flops.canonical_flops(res.attn_tokens, res.ffn_tokens, model.config, res.selector_flops)
         return flops.speedup(base, ours)
 
-    def choose_knob(self, target: float) -> dict:
-        m = self.cfg.method
-        if not m.calibrate:
-            self.tau = math.log(float(m.threshold) / (1 - float(m.threshold)))
-            return {"threshold": float(m.threshold), "alpha_joint": self.alpha_joint(target), "knob": "alpha"}
-        loader = self.job.loader("calib")
-        # the selectors' logits on calib without pruning bound the search
-        pol = self.policy_at(0.0)
+    def _calib_logits(self, model: nn.Module, policy: TrBertPolicy) -> list[tuple[Tensor, list[Tensor], Tensor]]:
+        """Per calib batch: (idx, each point's logits with nothing dropped, the candidates mask)."""
+        pol = self._new_policy()
+        pol.load_state_dict(policy.state_dict())
         pol.action = "full"
-        enc = PrunableEncoder(self._model, pol, mode="mask").eval()
-        lo, hi = math.inf, -math.inf
+        enc = PrunableEncoder(model, pol.to(self.job.device), mode="mask").eval()
+        out = []
         with torch.inference_mode():
-            for batch in loader:
+            for batch in self.job.loader("calib"):
                 batch = to_device(batch, self.job.device)
                 enc(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-                for rec in pol.records:
-                    z = rec["logits"][rec["cand"]]
-                    if z.numel():
-                        lo, hi = min(lo, float(z.min())), max(hi, float(z.max()))
+                out.append((batch["idx"].cpu(), [r["logits"].float().cpu() for r in pol.records],
+                            [r["cand"].cpu() for r in pol.records]))
+        return out
+
+    def _fit_threshold(self, model: nn.Module, policy: TrBertPolicy, target: float) -> tuple[float, float]:
+        """(τ, calib speedup): the smallest threshold logit whose canonical FLOPs speedup on calib, in
+        gather mode with the eval batching, meets the target (bisection on the logit)."""
+        m = self.cfg.method
+        loader = self.job.loader("calib")
+        lo, hi = math.inf, -math.inf
+        for _, logits, cands in self._calib_logits(model, policy):  # the unpruned logits bound the search
+            for z, c in zip(logits, cands):
+                if c.any():
+                    lo, hi = min(lo, float(z[c].min())), max(hi, float(z[c].max()))
         if not math.isfinite(lo):
             lo, hi = -1.0, 1.0
         lo, hi = lo - 1.0, hi + 1.0
@@ -569,12 +661,78 @@ class TrBert(Method):
                 yield h
             yield math.inf
 
-        self.tau, s_hi = meet_target(lambda tau: self._speedup_at(tau, loader), target, gentle=lo, extreme=extremes(),
-                                     steps=int(m.calib_iters), method="trbert",
-                                     extreme_means="even keeping only [CLS] after layer 0")
-        threshold = 1.0 if self.tau == math.inf else 1 / (1 + math.exp(-self.tau))
-        return {"threshold": threshold, "threshold_logit": self.tau, "calib_speedup": s_hi,
-                "alpha_joint": self.alpha_joint(target), "knob": "speedup", "batch_max": bool(m.batch_max)}
+        return meet_target(lambda tau: self._speedup_with(model, policy, tau, loader), target, gentle=lo,
+                           extreme=extremes(), steps=int(m.calib_iters), method="trbert",
+                           extreme_means="even keeping only [CLS] after layer 0")
+
+    def _speedup_at(self, tau: float, loader) -> float:
+        return self._speedup_with(self._model, self._policy, tau, loader)
+
+    def choose_knob(self, target: float) -> dict:
+        m = self.cfg.method
+        if not m.calibrate:
+            self.tau = math.log(float(m.threshold) / (1 - float(m.threshold)))
+            knob = {"threshold": float(m.threshold), "alpha_joint": self.alpha_joint(target), "knob": "alpha"}
+        else:
+            self.tau, s_hi = self._fit_threshold(self._model, self._policy, target)
+            threshold = 1.0 if self.tau == math.inf else 1 / (1 + math.exp(-self.tau))
+            knob = {"threshold": threshold, "threshold_logit": self.tau, "calib_speedup": s_hi,
+                    "alpha_joint": getattr(self, "alpha_e", self.alpha_joint(target)), "knob": "speedup",
+                    "batch_max": bool(m.batch_max)}
+        self.learning = self.learning_block(target)
+        return knob
+
+    def learning_block(self, target: float) -> dict:
+        """The record's `learning` block: each point's keep rate with nothing dropped before it, from the
+        fresh selectors at p ≥ 0.5 to the trained ones at the threshold E trained at (τ₀),
+        the rank correlation of the logits with the phase-B scores on calib, the operating point."""
+        m, job = self.cfg.method, self.job
+        layers = int(job.backbone.config.num_hidden_layers)
+        torch.manual_seed(self.cfg.seed)
+        fresh = self._new_policy()
+
+        def keep_rates(model, policy, tau=0.0) -> list[float]:
+            kept = total = None
+            for _, logits, cands in self._calib_logits(model, policy):
+                k = [float(((z >= tau) & c).sum()) for z, c in zip(logits, cands)]
+                n = [float(c.sum()) for c in cands]
+                kept = k if kept is None else [a + b for a, b in zip(kept, k)]
+                total = n if total is None else [a + b for a, b in zip(total, n)]
+            return [a / max(b, 1.0) for a, b in zip(kept, total)]
+
+        trained = self._calib_logits(self._model, self._policy)
+        calib_scores = residual_scores(job.backbone, job.loader("calib"), job.device, layers)
+        scores, signal, masks = [], [], []
+        for idx, logits, cands in trained:
+            for row, i in enumerate(idx.tolist()):
+                sc = calib_scores[int(i)]
+                for s, (z, c) in enumerate(zip(logits, cands)):
+                    n = sc.shape[1]
+                    scores.append(z[row, :n])
+                    signal.append(sc[s])
+                    masks.append(c[row, :n])
+        steps = self.phase_steps()
+        lr = self.selector_lr(steps)
+        tau0 = self._tau_for_training() if m.joint else 0.0
+        final_tau = self.tau if math.isfinite(self.tau) else 20.0
+        rollouts_seen = self.rollouts * len(self.train_examples) * self.epochs
+        return learning_record(
+            self.name,
+            # no clip bounds these (the selectors are free MLPs): no bound to warn about
+            {"keep_rate": {"initial": keep_rates(job.backbone, fresh), "final": keep_rates(self._model, self._policy, tau0),
+                           "bounds": None, "lr": lr}},
+            schedule=keep_rates(self._model, self._policy, final_tau), target=target,
+            own_speedup=getattr(self, "own_speedup", None),
+            calibration={"kind": "threshold logit, from the one phase E trained at", "from": round(float(tau0), 6),
+                         "to": round(float(final_tau), 6), "shift": round(float(final_tau - tau0), 6),
+                         "applied": bool(m.calibrate)},
+            rank_corr=rank_correlation(scores, signal, masks), signal="phase-B scores (selector logits on calib)",
+            extra={"alpha_joint": getattr(self, "alpha_e", None), "alpha_grid": getattr(self, "alpha_grid", None),
+                   "selector_lr": lr, "steps": steps, "paper_steps": float(m.paper_steps),
+                   "travel": round(travel(steps, lr), 4),
+                   "paper_travel": round(travel(float(m.paper_steps), float(m.selector_lr)), 4),
+                   "rollouts": self.rollouts, "rollouts_seen": rollouts_seen, "paper_rollouts": 8 * 25000 * 3,
+                   "init_selector": bool(m.init_selector)})
 
     def policy_at(self, tau: float) -> TrBertPolicy:
         pol = self._new_policy()
