@@ -270,6 +270,9 @@ class PrunableEncoder(nn.Module):
         self.restore = restore
         self.attention = attention
         self.training = model.training  # start in the model's mode (a new Module would say "train")
+        # a profiler (experiments/bench_methods.py): `sections.mark(name)` charges the time since the
+        # previous mark to `name`; None (the default) costs one test per mark
+        self.sections = None
 
     @property
     def base(self) -> nn.Module:
@@ -293,6 +296,7 @@ class PrunableEncoder(nn.Module):
         alive = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         lengths = alive.sum(1)
         base, classifier = backbone_parts(self.model)
+        mark = self.sections.mark if self.sections is not None else None
         hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         tokens = _Tokens(alive, lengths, hidden.dtype)
         policy, gather = self.policy, self.mode == "gather"
@@ -303,30 +307,38 @@ class PrunableEncoder(nn.Module):
             hidden = tokens.gather(alive, hidden)
         if policy is not None:
             policy.start(tokens.state(0, hidden, self.mode))
+        mark and mark("embeddings")
 
         attn_counts, ffn_counts = [], []
         for i, layer in enumerate(base.encoder.layer):
             if policy is not None:
                 decision = policy.before_layer(i, tokens.state(i, hidden, self.mode))
+                mark and mark("selector")
                 if decision is not None:
                     hidden = self._apply_decision(tokens, decision, hidden)
+                    mark and mark("gather")
             attn_counts.append(tokens.counts)
             need_probs = policy is not None and policy.needs_attention(i)
             h, probs = self._attention(layer, hidden, tokens, need_probs)
+            mark and mark("attention")
             if policy is not None:
                 decision = policy.after_attention(i, tokens.state(i, h, self.mode), probs)
                 del probs  # B×H×n×n: free it before the FFN allocates
+                mark and mark("selector")
                 if decision is not None:
                     h = self._apply_decision(tokens, decision, h, hidden)
+                    mark and mark("gather")
             ffn_counts.append(tokens.counts)
             out = self._ffn(layer, h)
             if not gather and tokens.dropped:
                 # mask mode: a dropped token keeps its last complete state, as restore does after a gather
                 out = torch.where(tokens.alive[..., None], out, hidden)
             hidden = out
+            mark and mark("ffn")
 
         pooled = base.pooler(hidden) if base.pooler is not None else hidden[:, 0]
         logits = classifier(self.model.dropout(pooled))
+        mark and mark("head")
 
         if policy is None:  # nothing can have changed: the counts are the lengths
             attn = ffn = lengths[:, None].expand(B, len(base.encoder.layer))
