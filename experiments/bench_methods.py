@@ -46,7 +46,7 @@ from tokenprune.errors import UserError
 from tokenprune.methods import REGISTRY, get
 from tokenprune.methods.toolbox import meet_target
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # --data overrides
 TARGETS = (1.5, 2.0, 3.0, 5.0)
 SECTIONS = ("embeddings", "selector", "gather", "attention", "ffn", "head")
 
@@ -99,6 +99,7 @@ class Context:
     rows: list[dict]  # the examples the knob is set on (and timed on)
     batches: list[tuple[torch.Tensor, ...]]  # the same rows, batched: counts are per row, as at batch 1
     seed: int = 0
+    calib_rows: int = 4  # searched knobs (TR-BERT, AdapLeR) are set on the first rows only: fewer passes
 
     @property
     def lengths(self) -> np.ndarray:
@@ -121,8 +122,8 @@ def run_counts(model, policy, batches) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return tuple(np.concatenate(p) for p in zip(*parts))
 
 
-def flops_speedup(ctx: Context, model, policy) -> float:
-    attn, ffn, sel, lengths = run_counts(model, policy, ctx.batches)
+def flops_speedup(ctx: Context, model, policy, batches=None) -> float:
+    attn, ffn, sel, lengths = run_counts(model, policy, ctx.batches if batches is None else batches)
     return flops.speedup(flops.canonical_baseline(lengths, ctx.config),
                          flops.canonical_flops(attn, ffn, model.config, sel))
 
@@ -164,11 +165,13 @@ def trbert_variant(ctx: Context, target: float) -> Variant:
     torch.manual_seed(ctx.seed)
     policy = TrBertPolicy(ctx.config.hidden_size, ctx.config.num_hidden_layers).eval()
 
+    calib = make_batches(ctx.rows[:ctx.calib_rows], 8, ctx.batches[0][0].device)
+
     def speedup(tau: float) -> float:
         policy.tau = tau
-        return flops_speedup(ctx, ctx.model, policy)
+        return flops_speedup(ctx, ctx.model, policy, calib)
 
-    tau, _ = meet_target(speedup, target, gentle=-20.0, extreme=[20.0, math.inf], steps=12, method="trbert",
+    tau, _ = meet_target(speedup, target, gentle=-20.0, extreme=[20.0, math.inf], steps=8, method="trbert",
                          extreme_means="keeping only [CLS] after layer 0")
     policy.tau = tau
     return Variant(ctx.model, policy, {"threshold_logit": round(tau, 4)})
@@ -180,12 +183,14 @@ def adapler_variant(ctx: Context, target: float) -> Variant:
     torch.manual_seed(ctx.seed)
     policy = AdapLeRPolicy(ctx.config.num_hidden_layers, ctx.config.hidden_size).eval()
 
+    calib = make_batches(ctx.rows[:ctx.calib_rows], 8, ctx.batches[0][0].device)
+
     def speedup(scale: float) -> float:
         policy.scale = scale
-        return flops_speedup(ctx, ctx.model, policy)
+        return flops_speedup(ctx, ctx.model, policy, calib)
 
     top = (int(ctx.lengths.max()) + 1) / float(policy.eta.min())
-    scale, _ = meet_target(speedup, target, gentle=1e-4, extreme=top, geometric=True, steps=12, method="adapler",
+    scale, _ = meet_target(speedup, target, gentle=1e-4, extreme=top, geometric=True, steps=8, method="adapler",
                            extreme_means="keeping only [CLS] from layer 0 on")
     policy.scale = scale
     return Variant(ctx.model, policy, {"eta_scale": round(scale, 4)})
@@ -328,6 +333,8 @@ def run(args) -> list[dict]:
     sets = {"imdb": imdb_texts(max(args.n, n_batched), args.imdb_min_tokens, tokenizer),
             "sst2": sst2_texts(max(args.n, n_batched), tokenizer)}
     methods = [m for m in (args.methods or REGISTRY) if m != "bert"]
+    for name in methods:
+        get(name)  # import every method's code now (a run measures the code it started with)
     clock = timing._Clock(device)
     records: list[dict] = []
     info = {"model": args.model, "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -339,7 +346,7 @@ def run(args) -> list[dict]:
         info[f"sdpa_backend_{str(dtype).split('.')[-1]}"] = sdpa_backend(model, device, dtype)
         full = PrunableEncoder(model, None, mode="gather").eval()
         for set_name, rows in sets.items():
-            ctx = Context(model, rows, make_batches(rows, 8, device), seed=0)
+            ctx = Context(model, rows, make_batches(rows, 8, device), seed=0, calib_rows=args.n)
             inputs = {1: [timing._batch([r], device) for r in rows[:args.n]]}
             for bs in batch_sizes[1:]:
                 inputs[bs] = make_batches(rows[:max(bs, n_batched)], bs, device)
@@ -461,8 +468,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--breakdown-target", type=float, default=3.0, help="the target whose time is broken down")
     parser.add_argument("--out", default="experiments/results/bench_methods", help="folder for table.md, records.csv/json")
     parser.add_argument("--tag", default="", help="suffix of the output files (e.g. before, after)")
+    parser.add_argument("--data", default=str(DATA), help="the shared data folder (IMDB/, SST-2/)")
     args = parser.parse_args(argv)
-    args.n = args.n or (4 if args.quick else 16)
+    globals()["DATA"] = Path(args.data)
+    args.n = args.n or (3 if args.quick else 16)
     args.n_batched = args.n_batched or (8 if args.quick else 32)
     args.repeats = args.repeats or (3 if args.quick else 5)
 
