@@ -40,11 +40,13 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 from transformers.utils import logging as hf_logging
 
-from tokenprune import flops, timing
-from tokenprune.encoder import PrunableEncoder, TokenPolicy
-from tokenprune.errors import UserError
-from tokenprune.methods import REGISTRY, get
-from tokenprune.methods.toolbox import meet_target
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tokenprune, not an installed one
+
+from tokenprune import flops, timing  # noqa: E402
+from tokenprune.encoder import PrunableEncoder, TokenPolicy  # noqa: E402
+from tokenprune.errors import UserError  # noqa: E402
+from tokenprune.methods import REGISTRY, get  # noqa: E402
+from tokenprune.methods.toolbox import meet_target  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # --data overrides
 TARGETS = (1.5, 2.0, 3.0, 5.0)

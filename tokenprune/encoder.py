@@ -52,6 +52,9 @@ class TokenState:
     key_logmask: Tensor | None  # B×n float: soft key mask accumulated so far (None: none yet)
     layer: int
     mode: str
+    # at (b), where the policy asked for it (`needs_significance`): B×n, the attention each key
+    # received, averaged over heads, from real queries other than itself (PoWER-BERT's score)
+    significance: Tensor | None = None
 
 
 @dataclass
@@ -96,6 +99,13 @@ class TokenPolicy(nn.Module):
     def needs_attention(self, layer: int) -> bool:
         """True where `after_attention` needs layer `layer`'s attention probabilities; only there are
         they computed (explicit softmax instead of the fused kernel)."""
+        return False
+
+    def needs_significance(self, layer: int) -> bool:
+        """True where `after_attention` needs only the attention each token received
+        (`state.significance`), not the probabilities: the encoder then computes attention a few
+        heads at a time and keeps the column sums, never a B×H×n×n buffer (same matmuls, same FLOPs).
+        Outside inference (grad enabled) the probabilities are computed and the score derived from them."""
         return False
 
     def before_layer(self, layer: int, state: TokenState) -> Decision | None:
@@ -164,6 +174,17 @@ def _not_bert_style(model: nn.Module) -> UserError:
     )
 
 
+def received_attention(probs: Tensor, alive: Tensor, all_real: bool = False) -> Tensor:
+    """B×n: the attention each key receives from real queries other than itself, summed over the
+    heads of `probs` (B×h×n×n); `all_real`: every query is real (no padding row to leave out)."""
+    if all_real:
+        columns = probs.sum((1, 2))
+    else:  # summed over heads first: one B×n×n buffer, 1/h of probs
+        columns = probs.sum(1).mul_(alive[:, :, None].to(probs.dtype)).sum(1)
+    self_attention = (probs.diagonal(dim1=2, dim2=3) * alive[:, None, :].to(probs.dtype)).sum(1)
+    return columns - self_attention
+
+
 class _Tokens:
     """The token bookkeeping of one forward: which slots are alive, where they came from, the soft
     key mask, the selector FLOPs, the restore buffer, and the attention masks derived from them."""
@@ -208,8 +229,8 @@ class _Tokens:
             self._masks["add"] = mask
         return self._masks["add"]
 
-    def state(self, layer: int, hidden: Tensor, mode: str) -> TokenState:
-        return TokenState(hidden, self.alive, self.positions, self.lengths, self.key_logmask, layer, mode)
+    def state(self, layer: int, hidden: Tensor, mode: str, significance: Tensor | None = None) -> TokenState:
+        return TokenState(hidden, self.alive, self.positions, self.lengths, self.key_logmask, layer, mode, significance)
 
     def save_last_states(self, last: Tensor) -> None:
         """Restore: write the alive slots' states at their original positions (survivors are written
@@ -319,10 +340,11 @@ class PrunableEncoder(nn.Module):
                     mark and mark("gather")
             attn_counts.append(tokens.counts)
             need_probs = policy is not None and policy.needs_attention(i)
-            h, probs = self._attention(layer, hidden, tokens, need_probs)
+            need_sig = policy is not None and policy.needs_significance(i)
+            h, probs, sig = self._attention(layer, hidden, tokens, need_probs, need_sig)
             mark and mark("attention")
             if policy is not None:
-                decision = policy.after_attention(i, tokens.state(i, h, self.mode), probs)
+                decision = policy.after_attention(i, tokens.state(i, h, self.mode, sig), probs)
                 del probs  # B×H×n×n: free it before the FFN allocates
                 mark and mark("selector")
                 if decision is not None:
@@ -383,8 +405,9 @@ class PrunableEncoder(nn.Module):
         return hidden
 
     def _attention(
-        self, layer: nn.Module, x: Tensor, tokens: _Tokens, need_probs: bool
-    ) -> tuple[Tensor, Tensor | None]:
+        self, layer: nn.Module, x: Tensor, tokens: _Tokens, need_probs: bool, need_significance: bool = False
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(the attention sub-layer's output, the probabilities if asked, the significance if asked)."""
         sa, out = layer.attention.self, layer.attention.output
         B, n, _ = x.shape
         heads, head_dim = sa.num_attention_heads, sa.attention_head_size
@@ -392,24 +415,54 @@ class PrunableEncoder(nn.Module):
         k = sa.key(x).view(B, n, heads, head_dim).transpose(1, 2)
         v = sa.value(x).view(B, n, heads, head_dim).transpose(1, 2)
         scale = head_dim**-0.5
-        probs = None
-        if need_probs or self.attention == "eager":
+        probs = sig = None
+        grad = torch.is_grad_enabled()
+        if need_significance and not need_probs and not grad and self.attention == "sdpa":
+            context, sig = self._attention_significance(q * scale, k, v, tokens)
+        elif need_probs or need_significance or self.attention == "eager":
             scores = torch.matmul(q * scale, k.transpose(-1, -2))  # scaling q is n×d work, not n²
             mask = tokens.additive_mask()
-            if mask is not None:
-                scores = scores + mask
-            if torch.is_grad_enabled():
-                probs = scores.softmax(-1)
+            if grad:
+                probs = (scores if mask is None else scores + mask).softmax(-1)
             else:  # in place: one B×H×n×n buffer, not two (big transient buffers cost page faults on CPU)
+                if mask is not None:
+                    scores += mask
                 probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
             context = torch.matmul(sa.dropout(probs), v)
+            if need_significance:
+                sig = received_attention(probs, tokens.alive)
         else:
             p = sa.dropout.p if sa.dropout.training else 0.0  # the layer's own mode, as its dropout modules
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.sdpa_mask(), dropout_p=p, scale=scale)
         context = context.transpose(1, 2).reshape(B, n, heads * head_dim)
         h = out.LayerNorm(out.dropout(out.dense(context)) + x)
-        return h, (probs if need_probs else None)
+        return h, (probs if need_probs else None), sig
 
+    # bytes of attention probabilities computed at once by `_attention_significance`: a few heads of
+    # a row, small enough to stay in cache (a B×H×n×n buffer at 512 tokens is tens of MB)
+    SIGNIFICANCE_CHUNK_BYTES = 4 << 20
+
+    def _attention_significance(self, q: Tensor, k: Tensor, v: Tensor, tokens: _Tokens) -> tuple[Tensor, Tensor]:
+        """Explicit attention a few heads of one row at a time (inference): the context and each key's
+        significance (`received_attention`), with no B×H×n×n buffer. The same matmuls as one batched
+        explicit attention, so the same FLOPs."""
+        B, H, n, _ = q.shape
+        heads = max(1, min(H, self.SIGNIFICANCE_CHUNK_BYTES // max(1, n * n * q.element_size())))
+        mask = tokens.additive_mask()
+        alive = tokens.alive
+        context = torch.empty_like(q)
+        sig = q.new_zeros(B, n)
+        for b in range(B):
+            real = alive[b]
+            full_row = mask is None or bool(real.all())
+            for h0 in range(0, H, heads):
+                scores = torch.matmul(q[b, h0:h0 + heads], k[b, h0:h0 + heads].transpose(-1, -2))
+                if mask is not None:
+                    scores += mask[b]
+                probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+                torch.matmul(probs, v[b, h0:h0 + heads], out=context[b, h0:h0 + heads])
+                sig[b] += received_attention(probs[None], real[None], full_row)[0]
+        return context, sig / H
     @staticmethod
     def _ffn(layer: nn.Module, h: Tensor) -> Tensor:
         inter = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(h))
