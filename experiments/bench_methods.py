@@ -363,8 +363,8 @@ def run(args) -> list[dict]:
                     continue
                 for target in args.targets:
                     start = time.perf_counter()
-                    try:
-                        with torch.inference_mode():
+                    try:  # outside inference mode: a student's weights must be ordinary tensors
+                        with torch.no_grad():
                             variant = maker(ctx, target)
                     except UserError as e:
                         print(f"  {name} {target:g}x on {set_name}: {e}")

@@ -411,12 +411,13 @@ class PrunableEncoder(nn.Module):
         sa, out = layer.attention.self, layer.attention.output
         B, n, _ = x.shape
         heads, head_dim = sa.num_attention_heads, sa.attention_head_size
-        q = sa.query(x).view(B, n, heads, head_dim).transpose(1, 2)
-        k = sa.key(x).view(B, n, heads, head_dim).transpose(1, 2)
-        v = sa.value(x).view(B, n, heads, head_dim).transpose(1, 2)
+        grad = torch.is_grad_enabled()
+        q, k, v = (self._fused_qkv(sa, x) if not grad else (sa.query(x), sa.key(x), sa.value(x)))
+        q = q.view(B, n, heads, head_dim).transpose(1, 2)
+        k = k.view(B, n, heads, head_dim).transpose(1, 2)
+        v = v.view(B, n, heads, head_dim).transpose(1, 2)
         scale = head_dim**-0.5
         probs = sig = None
-        grad = torch.is_grad_enabled()
         if need_significance and not need_probs and not grad and self.attention == "sdpa":
             context, sig = self._attention_significance(q * scale, k, v, tokens)
         elif need_probs or need_significance or self.attention == "eager":
@@ -437,6 +438,25 @@ class PrunableEncoder(nn.Module):
         context = context.transpose(1, 2).reshape(B, n, heads * head_dim)
         h = out.LayerNorm(out.dropout(out.dense(context)) + x)
         return h, (probs if need_probs else None), sig
+
+    def _fused_qkv(self, sa: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inference: Q, K and V from one matmul with the three projections' weights stacked (one
+        kernel instead of three: the per-layer fixed cost that short inputs pay). The stacked copy is
+        kept per layer and rebuilt when a weight changes (their version counters)."""
+        parts = (sa.query, sa.key, sa.value)
+        if any(type(p) is not nn.Linear for p in parts):
+            return sa.query(x), sa.key(x), sa.value(x)
+        tensors = [t for p in parts for t in (p.weight, p.bias) if t is not None]
+        if any(t.is_inference() for t in tensors):  # no version counter to tell a change by
+            return sa.query(x), sa.key(x), sa.value(x)
+        stamp = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+        cache = self.__dict__.setdefault("_qkv_cache", {})
+        entry = cache.get(id(sa))
+        if entry is None or entry[0] != stamp:
+            weight = torch.cat([p.weight for p in parts]).detach()
+            bias = torch.cat([p.bias for p in parts]).detach() if all(p.bias is not None for p in parts) else None
+            entry = cache[id(sa)] = (stamp, weight, bias)
+        return F.linear(x, entry[1], entry[2]).split([p.out_features for p in parts], dim=-1)
 
     # bytes of attention probabilities computed at once by `_attention_significance`: a few heads of
     # a row, small enough to stay in cache (a B×H×n×n buffer at 512 tokens is tens of MB)
