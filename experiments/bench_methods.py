@@ -312,17 +312,6 @@ def load_model(name: str, device: torch.device):
     return model.to(device).eval(), tokenizer
 
 
-def sdpa_backend(model, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend scaled_dot_product_attention picks for this model's heads (with a key mask and without)."""
-    c = model.config
-    heads, head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
-    q = torch.zeros(1, heads, 64, head_dim, device=device, dtype=dtype)
-    mask = torch.ones(1, 1, 1, 64, dtype=torch.bool, device=device)
-    from torch.nn.attention import SDPBackend
-
-    return "/".join(SDPBackend(torch._fused_sdp_choice(q, q, q, m)).name.lower() for m in (None, mask))
-
-
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     if args.threads and device.type == "cpu":
@@ -345,7 +334,7 @@ def run(args) -> list[dict]:
     print(f"{args.model} on {info['device_name']}, torch {torch.__version__}, {info['threads']} threads")
     for dtype in dtypes:
         model = model.to(dtype)
-        info[f"sdpa_backend_{str(dtype).split('.')[-1]}"] = sdpa_backend(model, device, dtype)
+        info[f"sdpa_backend_{str(dtype).split('.')[-1]}"] = timing.sdpa_backend(model, device, dtype)
         full = PrunableEncoder(model, None, mode="gather").eval()
         for set_name, rows in sets.items():
             ctx = Context(model, rows, make_batches(rows, 8, device), seed=0, calib_rows=args.n)
@@ -454,6 +443,31 @@ def markdown_sections(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def comparison(before: list[dict], after: list[dict]) -> str:
+    """wall/FLOPs before → after, per method × length × target, a column per batch size."""
+    def key(r):
+        return r["method"], r["length"], r["target"], r["dtype"], r["batch"]
+
+    old = {key(r): r for r in before}
+    batches = sorted({r["batch"] for r in after})
+    lines = ["| method | length | target | " + " | ".join(f"b{b}: FLOPs ×, wall/FLOPs before → after" for b in batches)
+             + " |", "|" + "---|" * (3 + len(batches))]
+    seen = []
+    for r in after:
+        k = key(r)[:4]
+        if k in seen:
+            continue
+        seen.append(k)
+        cells = []
+        for b in batches:
+            a, o = next((x for x in after if key(x) == (*k, b)), None), old.get((*k, b))
+            cells.append("" if a is None else
+                         f"{a['flops_speedup']:.2f}, {o['wall_over_flops'] if o else float('nan'):.2f} → "
+                         f"**{a['wall_over_flops']:.2f}**")
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]:g}x | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="minilm", help="minilm (packaged, offline), tiny (random, for tests), or a local path")
@@ -471,7 +485,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default="experiments/results/bench_methods", help="folder for table.md, records.csv/json")
     parser.add_argument("--tag", default="", help="suffix of the output files (e.g. before, after)")
     parser.add_argument("--data", default=str(DATA), help="the shared data folder (IMDB/, SST-2/)")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="print the before/after wall/FLOPs table of two records.json files and stop")
     args = parser.parse_args(argv)
+    if args.compare:
+        before, after = (json.loads(Path(f).read_text()) for f in args.compare)
+        print(comparison(before, after))
+        return after
     globals()["DATA"] = Path(args.data)
     args.n = args.n or (3 if args.quick else 16)
     args.n_batched = args.n_batched or (8 if args.quick else 32)
