@@ -361,7 +361,7 @@ def run(args) -> list[dict]:
                     if variant is None:
                         continue
                     try:
-                        variant.model.to(dtype)
+                        variant.model.to(device=device, dtype=dtype)
                         if variant.policy is not None:
                             variant.policy.to(device=device, dtype=dtype)
                         records += measure(name, target, set_name, variant, ctx, inputs, full, clock, args, dtype,

@@ -418,7 +418,7 @@ class PrunableEncoder(nn.Module):
         v = v.view(B, n, heads, head_dim).transpose(1, 2)
         scale = head_dim**-0.5
         probs = sig = None
-        if need_significance and not need_probs and not grad and self.attention == "sdpa":
+        if need_significance and not need_probs and not grad and self.attention == "sdpa" and x.device.type == "cpu":
             context, sig = self._attention_significance(q * scale, k, v, tokens)
         elif need_probs or need_significance or self.attention == "eager":
             scores = torch.matmul(q * scale, k.transpose(-1, -2))  # scaling q is n×d work, not n²
@@ -463,9 +463,10 @@ class PrunableEncoder(nn.Module):
     SIGNIFICANCE_CHUNK_BYTES = 4 << 20
 
     def _attention_significance(self, q: Tensor, k: Tensor, v: Tensor, tokens: _Tokens) -> tuple[Tensor, Tensor]:
-        """Explicit attention a few heads of one row at a time (inference): the context and each key's
-        significance (`received_attention`), with no B×H×n×n buffer. The same matmuls as one batched
-        explicit attention, so the same FLOPs."""
+        """Explicit attention a few heads of one row at a time (inference on CPU, where a big transient
+        buffer costs page faults and cache misses; a GPU takes the one-buffer path): the context and
+        each key's significance (`received_attention`), with no B×H×n×n buffer. The same matmuls as
+        one batched explicit attention, so the same FLOPs."""
         B, H, n, _ = q.shape
         heads = max(1, min(H, self.SIGNIFICANCE_CHUNK_BYTES // max(1, n * n * q.element_size())))
         mask = tokens.additive_mask()
@@ -474,7 +475,7 @@ class PrunableEncoder(nn.Module):
         sig = q.new_zeros(B, n)
         for b in range(B):
             real = alive[b]
-            full_row = mask is None or bool(real.all())
+            full_row = mask is None  # no padding and nothing masked: every query is real
             for h0 in range(0, H, heads):
                 scores = torch.matmul(q[b, h0:h0 + heads], k[b, h0:h0 + heads].transpose(-1, -2))
                 if mask is not None:
