@@ -64,6 +64,9 @@ class TokenState:
     mode: str
     sizes: Tensor | None = None  # B×n float: input tokens each slot stands for (None: no merge yet, all 1)
     keys: Tensor | None = None  # at (b): B×H×n×d_h, this layer's attention keys (ToMe's matching features)
+    # at (b), where the policy asked for it (`needs_significance`): B×n, the attention each key
+    # received, averaged over heads, from real queries other than itself (PoWER-BERT's score)
+    significance: Tensor | None = None
 
 
 @dataclass
@@ -114,6 +117,13 @@ class TokenPolicy(nn.Module):
         they computed (explicit softmax instead of the fused kernel)."""
         return False
 
+    def needs_significance(self, layer: int) -> bool:
+        """True where `after_attention` needs only the attention each token received
+        (`state.significance`), not the probabilities: the encoder then computes attention a few
+        heads at a time and keeps the column sums, never a B×H×n×n buffer (same matmuls, same FLOPs).
+        Outside inference (grad enabled) the probabilities are computed and the score derived from them."""
+        return False
+
     def before_layer(self, layer: int, state: TokenState) -> Decision | None:
         return None
 
@@ -150,6 +160,17 @@ def check_runnable(model: nn.Module) -> None:
     """Raise a UserError for a model this loop cannot run (an architecture without a family adapter,
     or one missing a part the loop calls). Cheap on a model built on the meta device (no weights)."""
     family_of(model)
+
+
+def received_attention(probs: Tensor, alive: Tensor, all_real: bool = False) -> Tensor:
+    """B×n: the attention each key receives from real queries other than itself, summed over the
+    heads of `probs` (B×h×n×n); `all_real`: every query is real (no padding row to leave out)."""
+    if all_real:
+        columns = probs.sum((1, 2))
+    else:  # summed over heads first: one B×n×n buffer, 1/h of probs
+        columns = probs.sum(1).mul_(alive[:, :, None].to(probs.dtype)).sum(1)
+    self_attention = (probs.diagonal(dim1=2, dim2=3) * alive[:, None, :].to(probs.dtype)).sum(1)
+    return columns - self_attention
 
 
 class _Tokens:
@@ -200,9 +221,10 @@ class _Tokens:
             self._masks["add"] = mask
         return self._masks["add"]
 
-    def state(self, layer: int, hidden: Tensor, mode: str, keys: Tensor | None = None) -> TokenState:
+    def state(self, layer: int, hidden: Tensor, mode: str, keys: Tensor | None = None,
+              significance: Tensor | None = None) -> TokenState:
         return TokenState(hidden, self.alive, self.positions, self.lengths, self.key_logmask, layer, mode,
-                          self.sizes, keys)
+                          self.sizes, keys, significance)
 
     def merge(self, dest: Tensor, hidden: Tensor) -> Tensor:
         """Fold every alive token whose `dest` is another alive slot into that slot (size-weighted average,
@@ -339,6 +361,9 @@ class PrunableEncoder(nn.Module):
         self.attention = attention
         self.on_layer = on_layer  # observer: (layer, positions B×n, alive B×n) after the layer's decisions
         self.training = model.training  # start in the model's mode (a new Module would say "train")
+        # a profiler (experiments/bench_methods.py): `sections.mark(name)` charges the time since the
+        # previous mark to `name`; None (the default) costs one test per mark
+        self.sections = None
 
     @property
     def base(self) -> nn.Module:
@@ -362,6 +387,7 @@ class PrunableEncoder(nn.Module):
         alive = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         lengths = alive.sum(1)
         family = self.family
+        mark = self.sections.mark if self.sections is not None else None
         hidden = family.embed(self.model, input_ids, alive, token_type_ids)
         tokens = _Tokens(alive, lengths, hidden.dtype)
         policy, gather = self.policy, self.mode == "gather"
@@ -373,22 +399,29 @@ class PrunableEncoder(nn.Module):
             hidden = tokens.gather(alive, hidden)
         if policy is not None:
             policy.start(tokens.state(0, hidden, self.mode))
+        mark and mark("embeddings")
 
         attn_counts, ffn_counts = [], []
         layers = [family.parts(layer) for layer in family.layers(self.model)]
         for i, layer in enumerate(layers):
             if policy is not None:
                 decision = policy.before_layer(i, tokens.state(i, hidden, self.mode))
+                mark and mark("selector")
                 if decision is not None:
                     hidden = self._apply_decision(tokens, decision, hidden)
+                    mark and mark("gather")
             attn_counts.append(tokens.counts)
             need_probs = policy is not None and policy.needs_attention(i)
-            h, probs, keys = self._attention(layer, hidden, tokens, need_probs)
+            need_sig = policy is not None and policy.needs_significance(i)
+            h, probs, keys, sig = self._attention(layer, hidden, tokens, need_probs, need_sig)
+            mark and mark("attention")
             if policy is not None:
-                decision = policy.after_attention(i, tokens.state(i, h, self.mode, keys), probs)
+                decision = policy.after_attention(i, tokens.state(i, h, self.mode, keys, sig), probs)
                 del probs, keys  # B×H×n×n: free it before the FFN allocates
+                mark and mark("selector")
                 if decision is not None:
                     h = self._apply_decision(tokens, decision, h, hidden)
+                    mark and mark("gather")
             ffn_counts.append(tokens.counts)
             if self.on_layer is not None:
                 self.on_layer(i, tokens.positions, tokens.alive)
@@ -397,8 +430,10 @@ class PrunableEncoder(nn.Module):
                 # mask mode: a dropped token keeps its last complete state, as restore does after a gather
                 out = torch.where(tokens.alive[..., None], out, hidden)
             hidden = out
+            mark and mark("ffn")
 
         logits = family.head(self.model, hidden)
+        mark and mark("head")
 
         if policy is None:  # nothing can have changed: the counts are the lengths
             attn = ffn = lengths[:, None].expand(B, len(layers))
@@ -451,32 +486,86 @@ class PrunableEncoder(nn.Module):
         return hidden
 
     def _attention(
-        self, layer: LayerParts, x: Tensor, tokens: _Tokens, need_probs: bool
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        self, layer: LayerParts, x: Tensor, tokens: _Tokens, need_probs: bool, need_significance: bool = False
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """(the attention sub-layer's output, the probabilities if asked, the keys (ToMe's matching
+        features), the significance if asked)."""
         B, n, _ = x.shape
         heads, head_dim = layer.heads, layer.head_dim
-        q = layer.query(x).view(B, n, heads, head_dim).transpose(1, 2)
-        k = layer.key(x).view(B, n, heads, head_dim).transpose(1, 2)
-        v = layer.value(x).view(B, n, heads, head_dim).transpose(1, 2)
+        grad = torch.is_grad_enabled()
+        q, k, v = (self._fused_qkv(layer, x) if not grad else (layer.query(x), layer.key(x), layer.value(x)))
+        q = q.view(B, n, heads, head_dim).transpose(1, 2)
+        k = k.view(B, n, heads, head_dim).transpose(1, 2)
+        v = v.view(B, n, heads, head_dim).transpose(1, 2)
         scale = head_dim**-0.5
-        probs = None
-        if need_probs or self.attention == "eager":
+        probs = sig = None
+        if need_significance and not need_probs and not grad and self.attention == "sdpa" and x.device.type == "cpu":
+            context, sig = self._attention_significance(q * scale, k, v, tokens)
+        elif need_probs or need_significance or self.attention == "eager":
             scores = torch.matmul(q * scale, k.transpose(-1, -2))  # scaling q is n×d work, not n²
             mask = tokens.additive_mask()
-            if mask is not None:
-                scores = scores + mask
-            if torch.is_grad_enabled():
-                probs = scores.softmax(-1)
+            if grad:
+                probs = (scores if mask is None else scores + mask).softmax(-1)
             else:  # in place: one B×H×n×n buffer, not two (big transient buffers cost page faults on CPU)
+                if mask is not None:
+                    scores += mask
                 probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
             context = torch.matmul(layer.attn_dropout(probs), v)
+            if need_significance:
+                sig = received_attention(probs, tokens.alive)
         else:
             p = layer.attn_dropout.p if layer.attn_dropout.training else 0.0  # the layer's own mode, as its dropout modules
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.sdpa_mask(), dropout_p=p, scale=scale)
         context = context.transpose(1, 2).reshape(B, n, heads * head_dim)
         h = layer.attn_norm(layer.attn_out_dropout(layer.attn_out(context)) + x)
-        return h, (probs if need_probs else None), k
+        return h, (probs if need_probs else None), k, sig
 
+
+    def _fused_qkv(self, layer: LayerParts, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inference: Q, K and V from one matmul with the three projections' weights stacked (one
+        kernel instead of three: the per-layer fixed cost that short inputs pay). The stacked copy is
+        kept per layer and rebuilt when a weight changes (their version counters)."""
+        parts = (layer.query, layer.key, layer.value)
+        if any(type(p) is not nn.Linear for p in parts):
+            return layer.query(x), layer.key(x), layer.value(x)
+        tensors = [t for p in parts for t in (p.weight, p.bias) if t is not None]
+        if any(t.is_inference() for t in tensors):  # no version counter to tell a change by
+            return layer.query(x), layer.key(x), layer.value(x)
+        stamp = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+        cache = self.__dict__.setdefault("_qkv_cache", {})
+        entry = cache.get(id(layer.query))  # LayerParts are rebuilt per forward; the modules are not
+        if entry is None or entry[0] != stamp:
+            weight = torch.cat([p.weight for p in parts]).detach()
+            bias = torch.cat([p.bias for p in parts]).detach() if all(p.bias is not None for p in parts) else None
+            entry = cache[id(layer.query)] = (stamp, weight, bias)
+        return F.linear(x, entry[1], entry[2]).split([p.out_features for p in parts], dim=-1)
+
+    # bytes of attention probabilities computed at once by `_attention_significance`: a few heads of
+    # a row, small enough to stay in cache (a B×H×n×n buffer at 512 tokens is tens of MB)
+    SIGNIFICANCE_CHUNK_BYTES = 4 << 20
+
+    def _attention_significance(self, q: Tensor, k: Tensor, v: Tensor, tokens: _Tokens) -> tuple[Tensor, Tensor]:
+        """Explicit attention a few heads of one row at a time (inference on CPU, where a big transient
+        buffer costs page faults and cache misses; a GPU takes the one-buffer path): the context and
+        each key's significance (`received_attention`), with no B×H×n×n buffer. The same matmuls as
+        one batched explicit attention, so the same FLOPs."""
+        B, H, n, _ = q.shape
+        heads = max(1, min(H, self.SIGNIFICANCE_CHUNK_BYTES // max(1, n * n * q.element_size())))
+        mask = tokens.additive_mask()
+        alive = tokens.alive
+        context = torch.empty_like(q)
+        sig = q.new_zeros(B, n)
+        for b in range(B):
+            real = alive[b]
+            full_row = mask is None  # no padding and nothing masked: every query is real
+            for h0 in range(0, H, heads):
+                scores = torch.matmul(q[b, h0:h0 + heads], k[b, h0:h0 + heads].transpose(-1, -2))
+                if mask is not None:
+                    scores += mask[b]
+                probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+                torch.matmul(probs, v[b, h0:h0 + heads], out=context[b, h0:h0 + heads])
+                sig[b] += received_attention(probs[None], real[None], full_row)[0]
+        return context, sig / H
     @staticmethod
     def _ffn(layer: LayerParts, h: Tensor) -> Tensor:
         return layer.ffn_norm(layer.ffn_dropout(layer.ffn_out(layer.act(layer.ffn_in(h)))) + h)

@@ -45,6 +45,23 @@ class _Clock:
         return time.perf_counter() - start
 
 
+def sdpa_backend(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The kernel scaled_dot_product_attention picks for this model's attention shapes, without a
+    mask / with a key mask (e.g. "flash_attention/flash_attention" on CPU): what the baseline is
+    timed with (the encoder uses sdpa wherever probabilities are not needed)."""
+    from torch.nn.attention import SDPBackend
+
+    c = model.config
+    heads, head_dim = c.num_attention_heads, c.hidden_size // c.num_attention_heads
+    dtype = dtype or next(model.parameters()).dtype
+    q = torch.zeros(1, heads, 64, head_dim, device=device, dtype=dtype)
+    mask = torch.ones(1, 1, 1, 64, dtype=torch.bool, device=device)
+    try:
+        return "/".join(SDPBackend(torch._fused_sdp_choice(q, q, q, m)).name.lower() for m in (None, mask))
+    except (AttributeError, RuntimeError, ValueError):  # a private API: absent or changed in this torch
+        return "unknown"
+
+
 def _batch(rows: Sequence[Mapping], device: torch.device, pad_token_id: int = 0) -> tuple[torch.Tensor, ...]:
     """input_ids, attention_mask, token_type_ids padded to the longest row."""
     width = max(len(r["input_ids"]) for r in rows)
@@ -148,6 +165,7 @@ def time_method(
         "threads": used_threads,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "sdpa_backend": sdpa_backend(baseline, device),
         "n_latency": len(singles),
         "n_throughput": len(pool),
         "batch_size": batch_size,

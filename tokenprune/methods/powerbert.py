@@ -200,14 +200,14 @@ class HardExtractPolicy(TokenPolicy):
         before = self.fractions[layer - 1] if layer > 0 else 1.0
         return self.fractions[layer] < before  # an equal fraction gives the same counts: nothing to do
 
-    def needs_attention(self, layer: int) -> bool:
+    def needs_significance(self, layer: int) -> bool:
         return self._changes(layer)
 
     def counts(self, layer: int, state: TokenState) -> Tensor:
         return kept_count(state.lengths, self.fractions[layer]).minimum(state.mask.sum(1))
 
     def scores(self, layer: int, state: TokenState, probs: Tensor | None) -> Tensor:
-        return significance(probs, state.mask)
+        return state.significance
 
     def after_attention(self, layer: int, state: TokenState, probs: Tensor | None) -> Decision | None:
         if not self._changes(layer):

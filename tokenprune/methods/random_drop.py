@@ -43,7 +43,7 @@ class RandomPolicy(HardExtractPolicy):
         self._ids: Tensor | None = None  # the current forward's input ids (from the embeddings hook)
         self._table: Tensor | None = None  # B×N int64: per-example, per-original-position hash
 
-    def needs_attention(self, layer: int) -> bool:
+    def needs_significance(self, layer: int) -> bool:
         return False
 
     def capture(self, input_ids: Tensor) -> None:

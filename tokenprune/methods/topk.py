@@ -33,7 +33,9 @@ def kept_count(n: Any, fraction: float) -> Any:
 
 
 def significance(probs: Tensor, mask: Tensor) -> Tensor:
-    """B×n: attention each key receives, averaged over heads, from real queries other than itself."""
+    """B×n: attention each key receives, averaged over heads, from real queries other than itself.
+    (Policies get it from the encoder as `state.significance`, computed without the probabilities'
+    buffer; this is the same score from explicit probabilities.)"""
     per_query = probs.mean(1) * mask[:, :, None].to(probs.dtype)  # B×n(query)×n(key), padding rows zeroed
     return per_query.sum(1) - per_query.diagonal(dim1=1, dim2=2)
 
@@ -55,7 +57,7 @@ class TopKPolicy(TokenPolicy):
         super().__init__()
         self.layer, self.keep_fraction = layer, keep_fraction
 
-    def needs_attention(self, layer: int) -> bool:
+    def needs_significance(self, layer: int) -> bool:
         return layer == self.layer
 
     def after_attention(self, layer: int, state: TokenState, probs: Tensor | None) -> Decision | None:
@@ -63,7 +65,7 @@ class TopKPolicy(TokenPolicy):
             return None
         counts = kept_count(state.mask.sum(1), self.keep_fraction)
         # the score is sums, not matmuls, so it adds no FLOPs in the canonical count
-        return Decision(keep=keep_top(significance(probs, state.mask), state.mask, counts))
+        return Decision(keep=keep_top(state.significance, state.mask, counts))
 
 
 def topk_counts(lengths: Any, layers: int, layer: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:

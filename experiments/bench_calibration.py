@@ -1,0 +1,92 @@
+"""Time of a searched calibration on IMDB: TR-BERT's threshold (and AdapLeR's η scale) set on calib
+examples to a FLOPs target, by bisection (the suite's search before issue 21) and by ITP
+(`toolbox.meet_target` now), at the methods' own precision (calib_iters / max_scale_iters = 16).
+
+Untrained selectors (seeded) on MiniLM: a pass over calib costs what a trained one's does, and the
+number of passes is what the search changes. Each pass is one gather-mode evaluation of calib in
+length-sorted batches of `eval_batch_size`, as `TrBert._speedup_at` runs it.
+
+    python experiments/bench_calibration.py --n 200          # IMDB calib of 200 reviews
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_methods as bm  # noqa: E402
+from tokenprune.methods.adapler import AdapLeRPolicy  # noqa: E402
+from tokenprune.methods.toolbox import meet_target  # noqa: E402
+from tokenprune.methods.trbert import TrBertPolicy  # noqa: E402
+
+
+def bisection(speedup_at, target, *, gentle, extreme, steps, geometric=False, **_):
+    """The search as it was: bounds, then `steps` bisections (geometric: at the geometric mean)."""
+    if (s := speedup_at(gentle)) >= target:
+        return gentle, s
+    for hi in [extreme] if isinstance(extreme, (int, float)) else extreme:
+        if (s_hi := speedup_at(hi)) >= target:
+            break
+    lo = gentle
+    for _ in range(steps):
+        mid = math.sqrt(lo * hi) if geometric else (lo + hi) / 2
+        s = speedup_at(mid)
+        if s >= target:
+            hi, s_hi = mid, s
+        else:
+            lo = mid
+    return hi, s_hi
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=200, help="IMDB calib examples")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0])
+    parser.add_argument("--methods", nargs="+", default=["trbert"])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = bm.load_model("minilm", torch.device("cpu"))
+    rows = bm.imdb_texts(args.n, 0, tokenizer)
+    ctx = bm.Context(model, rows, bm.make_batches(rows, args.batch_size, torch.device("cpu")))
+    cfg = model.config
+    print(f"IMDB calib: {len(rows)} reviews, mean {ctx.lengths.mean():.0f} tokens; batches of {args.batch_size}; "
+          f"{torch.get_num_threads()} thread(s)")
+    for name in args.methods:
+        for target in args.targets:
+            for search_name, search in (("bisection", bisection), ("ITP", meet_target)):
+                torch.manual_seed(0)
+                if name == "trbert":
+                    policy = TrBertPolicy(cfg.hidden_size, cfg.num_hidden_layers).eval()
+                    field, bounds = "tau", dict(gentle=-20.0, extreme=[20.0, math.inf])
+                else:
+                    policy = AdapLeRPolicy(cfg.num_hidden_layers, cfg.hidden_size).eval()
+                    field = "scale"
+                    bounds = dict(gentle=1e-4, extreme=(int(ctx.lengths.max()) + 1) / float(policy.eta.min()),
+                                  geometric=True)
+                passes = []
+
+                def speedup(knob):
+                    setattr(policy, field, knob)
+                    passes.append(knob)
+                    return bm.flops_speedup(ctx, model, policy)
+
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    knob, achieved = search(speedup, target, steps=16, method=name, extreme_means="-", **bounds)
+                seconds = time.perf_counter() - start
+                print(f"  {name} {target:g}x {search_name:9s}: {len(passes):2d} passes, {seconds:6.1f} s "
+                      f"({seconds / len(passes):.1f} s/pass); knob {knob:.5g}, calib speedup {achieved:.3f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

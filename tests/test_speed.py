@@ -1,0 +1,123 @@
+"""Speed work (issue 21): the significance path computes what explicit probabilities give, the knob
+search needs fewer passes and meets the same contract, the methods' benchmark runs."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import make_batch, tiny_model
+from tokenprune.encoder import PrunableEncoder, TokenPolicy
+from tokenprune.methods.toolbox import meet_target
+from tokenprune.methods.topk import TopKPolicy, significance
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Record(TokenPolicy):
+    """Asks for the significance (or the probabilities) at every layer, records it, drops nothing."""
+
+    def __init__(self, probs: bool):
+        super().__init__()
+        self.probs, self.seen = probs, []
+
+    def needs_attention(self, layer):
+        return self.probs
+
+    def needs_significance(self, layer):
+        return not self.probs
+
+    def after_attention(self, layer, state, probs):
+        self.seen.append((state.hidden, significance(probs, state.mask) if self.probs else state.significance))
+        return None
+
+
+@pytest.mark.parametrize("lengths", [[37], [37, 20, 9]])
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 600])  # all heads at once; a head at a time
+def test_significance_without_probabilities_matches_explicit(lengths, chunk_bytes, monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(PrunableEncoder, "SIGNIFICANCE_CHUNK_BYTES", chunk_bytes)
+    batch = make_batch(lengths)
+    explicit, chunked = Record(probs=True), Record(probs=False)
+    with torch.inference_mode():
+        a = PrunableEncoder(model, explicit, mode="gather")(*batch)
+        b = PrunableEncoder(model, chunked, mode="gather")(*batch)
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-5)
+    real = batch[1].bool()
+    for (h_a, s_a), (h_b, s_b) in zip(explicit.seen, chunked.seen):
+        torch.testing.assert_close(h_b, h_a, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s_b[real], s_a[real], atol=1e-6, rtol=1e-5)
+
+
+def test_significance_while_training_comes_from_probabilities():
+    model = tiny_model()
+    policy = Record(probs=False)
+    batch = make_batch([30, 12])
+    PrunableEncoder(model, policy, mode="mask")(*batch)  # grad enabled: the explicit path
+    assert len(policy.seen) == 4 and all(s is not None and s.shape == (2, 30) for _, s in policy.seen)
+
+
+def test_topk_keeps_the_same_tokens_with_and_without_the_buffer():
+    model = tiny_model()
+    batch = make_batch([50, 31, 8])
+
+    class Explicit(TopKPolicy):  # the pre-issue-21 route: probabilities, then the score
+        def needs_significance(self, layer):
+            return False
+
+        def needs_attention(self, layer):
+            return layer == self.layer
+
+        def after_attention(self, layer, state, probs):
+            if probs is not None:
+                state.significance = significance(probs, state.mask)
+            return super().after_attention(layer, state, probs)
+
+    with torch.inference_mode():
+        a = PrunableEncoder(model, Explicit(1, 0.4), mode="gather")(*batch)
+        b = PrunableEncoder(model, TopKPolicy(1, 0.4), mode="gather")(*batch)
+    assert torch.equal(a.positions, b.positions) and torch.equal(a.trace.attn_tokens, b.trace.attn_tokens)
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_meet_target_interpolates_with_fewer_passes_and_same_contract():
+    calls = []
+
+    def speedup(x):  # monotone, smooth
+        calls.append(x)
+        return 1 + 4 * x ** 1.5
+
+    knob, s = meet_target(speedup, 2.0, gentle=0.0, extreme=1.0, steps=60, method="m", extreme_means="all")
+    assert s >= 2.0 and s == speedup(knob)
+    assert abs(knob - 0.25 ** (2 / 3)) < 1e-6  # the boundary, to bisection's precision
+    assert len(calls) < 30  # 60 bisections + 2 bounds before
+
+
+def test_meet_target_on_steps_keeps_the_gentlest_knob_meeting_target():
+    def speedup(x):  # a staircase, as token counts make it
+        return 1 + int(10 * x) / 5
+
+    knob, s = meet_target(speedup, 2.0, gentle=0.0, extreme=1.0, steps=60, method="m", extreme_means="all")
+    assert s >= 2.0 and abs(knob - 0.5) < 1e-9
+
+
+def test_bench_methods_runs_on_tiny(tmp_path):
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import bench_methods
+    finally:
+        sys.path.pop(0)
+    records = bench_methods.main(["--model", "tiny", "--quick", "--n", "2", "--n-batched", "4", "--batch-size", "2",
+                                  "--repeats", "1", "--targets", "2", "--breakdown-target", "2",
+                                  "--methods", "topk", "trbert", "distilbert", "--out", str(tmp_path)])
+    got = {(r["method"], r["length"], r["batch"]) for r in records}
+    assert {("topk", "imdb", 1), ("topk", "sst2", 2), ("trbert", "imdb", 2), ("distilbert", "sst2", 1)} <= got
+    for r in records:
+        assert abs(r["flops_speedup"] - 2.0) < 0.35 and r["wall_speedup"] > 0
+        assert r["wall_over_flops"] == pytest.approx(r["wall_speedup"] / r["flops_speedup"], abs=0.01)
+    broken = [r for r in records if "sections_ms" in r and r["method"] == "topk"]
+    assert broken and broken[0]["sections_ms"]["selector"] > 0 and broken[0]["sections_ms"]["ffn"] > 0
+    assert "| topk | imdb | 2x |" in (tmp_path / "table.md").read_text()
+    assert json.loads((tmp_path / "records.json").read_text())
