@@ -143,7 +143,9 @@ def test_proportional_attention_counts_a_merged_key_as_its_sources(tiny):
 
     encoder = PrunableEncoder(tiny, Spy(), attention="eager")
     sa = tiny.bert.encoder.layer[1].attention.self
-    hook = sa.query.register_forward_hook(lambda m, a, o: captured.update(x=a[0]))
+    # layer 1's input is layer 0's output (its last LayerNorm); inference computes Q, K, V in one
+    # fused matmul, so a hook on sa.query would never fire
+    hook = tiny.bert.encoder.layer[0].output.LayerNorm.register_forward_hook(lambda m, a, o: captured.update(x=o))
     with torch.no_grad():
         encoder(ids, mask, types)
         hook.remove()
