@@ -287,6 +287,8 @@ class PowerBert(Method):
         job, cfg = self.job, self.cfg
         lam = self.hparams()[0] if lam is None else lam
         lr_soft = self.soft_lr()
+        # each λ the walk searches keeps its own curve (W&B, logs): the paper's λ is the plain name
+        search_name = "powerbert-search" if lam == self.hparams()[0] else f"powerbert-search-lambda{lam:.3g}"
 
         def train(tmp: Path):
             torch.manual_seed(cfg.seed)
@@ -305,7 +307,7 @@ class PowerBert(Method):
             # no checkpoint choice here: the configuration is what the last epoch learned
             info = fit(encoder, job.loader("train", train=True), train_cfg=cfg.train, epochs=int(cfg.budget.epochs),
                        device=job.device, step_fn=step, param_groups=groups, after_step=after_step,
-                       log_fn=job.log, desc="powerbert-search")
+                       log_fn=job.log, desc=search_name)
             retention = policy.retention.detach().cpu()
             torch.save(retention, tmp / "retention.pt")
             counts, N = read_out(retention), retention.shape[1]
