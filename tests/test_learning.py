@@ -75,3 +75,17 @@ def test_learning_record_warns_at_a_bound_and_goes_in_a_record(caplog, tmp_path)
     record = results.new_record(task="sst2", method="adapler", status="ok", learning=block)
     path = results.write(record, tmp_path / "job")
     assert results.read(path)["learning"]["knobs"]["eta"]["at_bound"] == [1, 2]
+
+
+def test_walk_settings_check_tries_and_factor_with_one_sentence():
+    from omegaconf import OmegaConf
+
+    from tokenprune.errors import UserError
+    from tokenprune.methods.toolbox import walk_settings
+
+    assert walk_settings(OmegaConf.create({"phi_tries": 3, "phi_factor": 4.0}), "phi", "the paper's φ") == (3, 4.0)
+    assert walk_settings(OmegaConf.create({}), "alpha", "alpha") == (0, 10.0)
+    with pytest.raises(UserError, match=r"method.lambda_tries=-1 is not valid: .*\(0: the paper's λ only\)"):
+        walk_settings(OmegaConf.create({"lambda_tries": -1}), "lambda", "the paper's λ")
+    with pytest.raises(UserError, match="method.phi_factor=1.0 is not valid"):
+        walk_settings(OmegaConf.create({"phi_factor": 1}), "phi", "the paper's φ")

@@ -95,7 +95,7 @@ from tokenprune.errors import UserError
 from tokenprune.evaluate import score
 from tokenprune.methods.base import Method
 from tokenprune.methods.toolbox import (calib_result, calib_score, learning_record, meet_target, rank_correlation,
-                                        travel, travel_lr, walk_to_target)
+                                        travel, travel_lr, walk_settings, walk_to_target)
 from tokenprune.train import MODEL_INPUTS, TrainingDiverged, default_param_groups, task_loss, to_device
 
 log = logging.getLogger(__name__)
@@ -457,13 +457,8 @@ class AdapLeR(Method):
         return self.job.phases.model("adapler-train", self._train_key(phi), lambda tmp: self._train(tmp, phi))
 
     def phi_tries(self, target: float) -> int:
-        m = self.cfg.method
-        tries = m.get("phi_tries") or 0
-        if not isinstance(tries, int) or tries < 0:
-            raise UserError(f"method.phi_tries={tries!r} is not valid: give a whole number >= 0 (0: the paper's φ only).")
-        if not float(m.get("phi_factor", 10.0)) > 1:
-            raise UserError(f"method.phi_factor={m.get('phi_factor')} is not valid: give a number > 1, e.g. 10.")
-        return tries if bool(m.calibrate) and target != 1.0 else 0
+        tries, _ = walk_settings(self.cfg.method, "phi", "the paper's φ")
+        return tries if bool(self.cfg.method.calibrate) and target != 1.0 else 0
 
     def train_phases(self, target: float) -> None:
         """Phases B and C; C at the φ walked to the target on calib (the paper's φ without a target)."""
@@ -475,7 +470,7 @@ class AdapLeR(Method):
             return trained[phi][1]["own_speedup"]
 
         phi, self._phi_grid = walk_to_target(float(self.cfg.method.phi), own_speedup, target,
-                                             tries=self.phi_tries(target), factor=float(self.cfg.method.get("phi_factor", 10.0)))
+                                             tries=self.phi_tries(target), factor=walk_settings(self.cfg.method, "phi", "the paper's φ")[1])
         self._model, info, path, phase_record = trained[phi]
         self.job.phases.record["adapler-train"] = phase_record  # the chosen φ's phase, not the last one walked
         # phase C trains the backbone every step of every epoch

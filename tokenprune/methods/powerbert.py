@@ -68,7 +68,7 @@ from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenStat
 from tokenprune.errors import UserError
 from tokenprune.methods.base import Method
 from tokenprune.methods.toolbox import (calib_score, learning_record, meet_target, travel, travel_lr,
-                                        walk_to_target)
+                                        walk_settings, walk_to_target)
 from tokenprune.methods.topk import kept_count, keep_top, significance
 from tokenprune.train import default_param_groups, fit, task_loss
 
@@ -270,12 +270,7 @@ class PowerBert(Method):
     def lambda_tries(self, target: float) -> int:
         """How many more λ the walk may search for this target: `lambda_tries` with a target to meet, 0
         otherwise (speedup=1 or calibrate=false: λ is the knob, as in the paper)."""
-        tries = self.cfg.method.get("lambda_tries") or 0
-        if not isinstance(tries, int) or tries < 0:
-            raise UserError(f"method.lambda_tries={tries!r} is not valid: give a whole number >= 0 (0: the paper's λ only).")
-        factor = float(self.cfg.method.get("lambda_factor", 10.0))
-        if not (math.isfinite(factor) and factor > 1):
-            raise UserError(f"method.lambda_factor={factor} is not valid: give a number > 1, e.g. 10.")
+        tries, _ = walk_settings(self.cfg.method, "lambda", "the paper's λ")
         return tries if bool(self.cfg.method.calibrate) and target != 1.0 else 0
 
     def search_key(self, lam: float | None = None) -> dict:
@@ -292,6 +287,8 @@ class PowerBert(Method):
         job, cfg = self.job, self.cfg
         lam = self.hparams()[0] if lam is None else lam
         lr_soft = self.soft_lr()
+        # each λ the walk searches keeps its own curve (W&B, logs): the paper's λ is the plain name
+        search_name = "powerbert-search" if lam == self.hparams()[0] else f"powerbert-search-lambda{lam:.3g}"
 
         def train(tmp: Path):
             torch.manual_seed(cfg.seed)
@@ -310,7 +307,7 @@ class PowerBert(Method):
             # no checkpoint choice here: the configuration is what the last epoch learned
             info = fit(encoder, job.loader("train", train=True), train_cfg=cfg.train, epochs=int(cfg.budget.epochs),
                        device=job.device, step_fn=step, param_groups=groups, after_step=after_step,
-                       log_fn=job.log, desc="powerbert-search")
+                       log_fn=job.log, desc=search_name)
             retention = policy.retention.detach().cpu()
             torch.save(retention, tmp / "retention.pt")
             counts, N = read_out(retention), retention.shape[1]
@@ -339,7 +336,7 @@ class PowerBert(Method):
             return self.learned_speedup(found[lam][1])
 
         lam, grid = walk_to_target(self.hparams()[0], own_speedup, target, tries=self.lambda_tries(target),
-                                   factor=float(self.cfg.method.get("lambda_factor", 10.0)))
+                                   factor=walk_settings(self.cfg.method, "lambda", "the paper's λ")[1])
         model, learned, phase_record = found[lam]
         self.job.phases.record["powerbert-search"] = phase_record  # the chosen λ's phase, not the last one walked
         self.retrained_steps += learned["history"][-1]["steps"]

@@ -267,6 +267,18 @@ def walk_to_target(start: float, own_speedup: Callable[[float], float], target: 
     return choose_for_target(list(seen), lambda v: seen[v], target)
 
 
+def walk_settings(method_cfg, knob: str, start_means: str) -> tuple[int, float]:
+    """(tries, factor) of the walk for `knob` from `method.<knob>_tries` and `method.<knob>_factor`,
+    each checked with one sentence; `start_means` says what tries=0 keeps."""
+    tries = method_cfg.get(f"{knob}_tries") or 0
+    if not isinstance(tries, int) or tries < 0:
+        raise UserError(f"method.{knob}_tries={tries!r} is not valid: give a whole number >= 0 (0: {start_means} only).")
+    factor = float(method_cfg.get(f"{knob}_factor", 10.0))
+    if not (math.isfinite(factor) and factor > 1):
+        raise UserError(f"method.{knob}_factor={factor} is not valid: give a number > 1, e.g. 10.")
+    return tries, factor
+
+
 # ---- the learning block of a record ---------------------------------------------------------------
 
 def rank_correlation(scores: Iterable, signal: Iterable, masks: Iterable | None = None) -> float | None:

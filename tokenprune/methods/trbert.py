@@ -98,7 +98,7 @@ from tokenprune.errors import UserError
 from tokenprune.evaluate import run_eval
 from tokenprune.methods.base import Method
 from tokenprune.methods.toolbox import (learning_record, meet_target, rank_correlation, teacher_logits, travel,
-                                        travel_lr, walk_to_target)
+                                        travel_lr, walk_settings, walk_to_target)
 from tokenprune.train import default_param_groups, fit, task_loss, to_device
 
 log = logging.getLogger(__name__)
@@ -504,7 +504,7 @@ class TrBert(Method):
 
         alpha_e, self.alpha_grid = walk_to_target(self.alpha_joint(target), own_speedup, target,
                                                   tries=self.alpha_tries(target),
-                                                  factor=float(m.get("alpha_factor", 10.0)))
+                                                  factor=walk_settings(m, "alpha", "alpha·(speedup − 1)")[1])
         model, info, policy, phase_record = trained[alpha_e]
         job.phases.record["trbert-joint"] = phase_record  # the chosen α's phase, not the last one walked
         self.alpha_e = alpha_e
@@ -522,11 +522,7 @@ class TrBert(Method):
 
     def alpha_tries(self, target: float) -> int:
         m = self.cfg.method
-        tries = m.get("alpha_tries") or 0
-        if not isinstance(tries, int) or tries < 0:
-            raise UserError(f"method.alpha_tries={tries!r} is not valid: give a whole number >= 0 (0: alpha·(speedup − 1) only).")
-        if not float(m.get("alpha_factor", 10.0)) > 1:
-            raise UserError(f"method.alpha_factor={m.get('alpha_factor')} is not valid: give a number > 1, e.g. 10.")
+        tries, _ = walk_settings(m, "alpha", "alpha·(speedup − 1)")
         # α_E = 0 at speedup=1: a walk by factors cannot leave 0
         return tries if bool(m.calibrate) and target != 1.0 and self.alpha_joint(target) > 0 else 0
 
