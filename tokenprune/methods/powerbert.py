@@ -288,7 +288,7 @@ class PowerBert(Method):
         lam = self.hparams()[0] if lam is None else lam
         lr_soft = self.soft_lr()
         # each λ the walk searches keeps its own curve (W&B, logs): the paper's λ is the plain name
-        search_name = "powerbert-search" if lam == self.hparams()[0] else f"powerbert-search-lambda{lam:.3g}"
+        search_name = "powerbert-search" if lam == self.hparams()[0] else f"powerbert-search-lambda{lam:.0e}"  # no "." (W&B nests dotted keys)
 
         def train(tmp: Path):
             torch.manual_seed(cfg.seed)
