@@ -161,21 +161,27 @@ def random_variant(ctx: Context, target: float) -> Variant:
     return Variant(ctx.model, policy, {"fractions": [round(f, 3) for f in fractions]}, [handle.remove])
 
 
+def set_by_search(ctx: Context, policy, knob: str, target: float, **search) -> float:
+    """Sets `policy.<knob>` to the value `meet_target` finds for `target` on the calib rows (FLOPs
+    of the policy's own forwards), and returns it."""
+    calib = make_batches(ctx.rows[:ctx.calib_rows], 8, ctx.batches[0][0].device)
+
+    def speedup(value: float) -> float:
+        setattr(policy, knob, value)
+        return flops_speedup(ctx, ctx.model, policy, calib)
+
+    value, _ = meet_target(speedup, target, steps=8, **search)
+    setattr(policy, knob, value)
+    return value
+
+
 def trbert_variant(ctx: Context, target: float) -> Variant:
     from tokenprune.methods.trbert import TrBertPolicy
 
     torch.manual_seed(ctx.seed)
     policy = TrBertPolicy(ctx.config.hidden_size, ctx.config.num_hidden_layers).eval()
-
-    calib = make_batches(ctx.rows[:ctx.calib_rows], 8, ctx.batches[0][0].device)
-
-    def speedup(tau: float) -> float:
-        policy.tau = tau
-        return flops_speedup(ctx, ctx.model, policy, calib)
-
-    tau, _ = meet_target(speedup, target, gentle=-20.0, extreme=[20.0, math.inf], steps=8, method="trbert",
-                         extreme_means="keeping only [CLS] after layer 0")
-    policy.tau = tau
+    tau = set_by_search(ctx, policy, "tau", target, gentle=-20.0, extreme=[20.0, math.inf], method="trbert",
+                        extreme_means="keeping only [CLS] after layer 0")
     return Variant(ctx.model, policy, {"threshold_logit": round(tau, 4)})
 
 
@@ -184,17 +190,9 @@ def adapler_variant(ctx: Context, target: float) -> Variant:
 
     torch.manual_seed(ctx.seed)
     policy = AdapLeRPolicy(ctx.config.num_hidden_layers, ctx.config.hidden_size).eval()
-
-    calib = make_batches(ctx.rows[:ctx.calib_rows], 8, ctx.batches[0][0].device)
-
-    def speedup(scale: float) -> float:
-        policy.scale = scale
-        return flops_speedup(ctx, ctx.model, policy, calib)
-
     top = (int(ctx.lengths.max()) + 1) / float(policy.eta.min())
-    scale, _ = meet_target(speedup, target, gentle=1e-4, extreme=top, geometric=True, steps=8, method="adapler",
-                           extreme_means="keeping only [CLS] from layer 0 on")
-    policy.scale = scale
+    scale = set_by_search(ctx, policy, "scale", target, gentle=1e-4, extreme=top, geometric=True, method="adapler",
+                          extreme_means="keeping only [CLS] from layer 0 on")
     return Variant(ctx.model, policy, {"eta_scale": round(scale, 4)})
 
 
