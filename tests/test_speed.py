@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +122,63 @@ def test_bench_methods_runs_on_tiny(tmp_path):
     assert broken and broken[0]["sections_ms"]["selector"] > 0 and broken[0]["sections_ms"]["ffn"] > 0
     assert "| topk | imdb | 2x |" in (tmp_path / "table.md").read_text()
     assert json.loads((tmp_path / "records.json").read_text())
+
+
+def _count_batches():
+    """Batches of mixed lengths; the last has padding columns that no row needs."""
+    batches = []
+    for seed, lengths in enumerate([[30, 12, 7], [25, 25], [40], [18, 9]]):
+        ids, mask, types = make_batch(lengths, seed)
+        if seed == 3:
+            ids, mask, types = (torch.nn.functional.pad(t, (0, 5)) for t in (ids, mask, types))
+        batches.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+    return batches
+
+
+def _knobbed_policy(name: str, d: int, layers: int):
+    """(policy in eval mode, the knob's attribute, values from gentle to harsh)."""
+    from tokenprune.methods.adapler import AdapLeRPolicy
+    from tokenprune.methods.gate import K, DeleteGate
+    from tokenprune.methods.ltp import LTPPolicy
+    from tokenprune.methods.trbert import TrBertPolicy
+
+    torch.manual_seed(3)
+    if name == "trbert":
+        return TrBertPolicy(d, layers).eval(), "tau", [-5.0, -0.05, 0.0, 0.05, 5.0]
+    if name == "adapler":
+        return AdapLeRPolicy(layers, d).eval(), "scale", [1e-3, 1.0, 2.0, 4.0, 8.0]
+    if name == "ltp":
+        return LTPPolicy(layers, 0.01, 1e-3, 32, hard=True).eval(), "scale", [0.0, 1.0, 8.0, 32.0, 128.0]
+    gate = DeleteGate(d, after_layer=0, hard=True)
+    torch.nn.init.normal_(gate.linear.weight, std=1.0)
+    torch.nn.init.zeros_(gate.linear.bias)
+    return gate.eval(), "threshold", [K, 0.75 * K, K / 2, 0.25 * K, -1e-3]
+
+
+@pytest.mark.parametrize("name", ["trbert", "adapler", "ltp", "gate"])
+def test_count_passes_give_run_evals_counts_for_every_knob_with_less_work(name, monkeypatch):
+    """Calibration's passes (`CountPasses`: the states entering the first decision point computed once,
+    nothing run past the last) count exactly what a full gather-mode evaluation counts, at every knob,
+    and run fewer FFNs."""
+    from tokenprune.evaluate import CountPasses, run_eval
+
+    model = tiny_model(layers=4)
+    batches = _count_batches()
+    policy, field, values = _knobbed_policy(name, model.config.hidden_size, 4)
+    ffn_calls = []
+    real_ffn = PrunableEncoder._ffn
+    monkeypatch.setattr(PrunableEncoder, "_ffn", staticmethod(lambda layer, h: ffn_calls.append(1) or real_ffn(layer, h)))
+    passes = CountPasses(model, policy, batches, "cpu")
+    seen = set()
+    for value in values:
+        setattr(policy, field, value)
+        del ffn_calls[:]
+        counts = passes()
+        fast = len(ffn_calls)
+        del ffn_calls[:]
+        full = run_eval(model, policy, batches, "cpu", progress=False)
+        assert fast < len(ffn_calls) == 4 * len(batches)
+        for field_name in ("attn_tokens", "ffn_tokens", "selector_flops", "lengths"):
+            assert np.array_equal(getattr(counts, field_name), getattr(full, field_name)), (value, field_name)
+        seen.add(counts.ffn_tokens.tobytes())
+    assert len(seen) >= 3  # the knob values really prune differently

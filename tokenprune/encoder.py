@@ -112,6 +112,13 @@ class TokenPolicy(nn.Module):
     def start(self, state: TokenState) -> None:
         """Called once per forward, after the embeddings, before layer 0."""
 
+    def decision_points(self, num_layers: int) -> tuple[tuple[int, str], tuple[int, str]]:
+        """(first, last) plug-in points where this policy can decide anything, each (layer, "before" |
+        "after"): `before_layer` or `after_attention` of that layer. A pass that only counts tokens
+        (calibration) reuses the states entering the first point's layer, which no knob changes, and
+        runs nothing past the last, after which the counts cannot change. Default: every point."""
+        return (0, "before"), (num_layers - 1, "after")
+
     def needs_attention(self, layer: int) -> bool:
         """True where `after_attention` needs layer `layer`'s attention probabilities; only there are
         they computed (explicit softmax instead of the fused kernel)."""
@@ -382,35 +389,83 @@ class PrunableEncoder(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
+        *,
+        entering: tuple[int, Tensor] | None = None,
+        counts_only: bool = False,
     ) -> EncoderOutput:
+        """The forward. Two options for passes that only count tokens (a calibration's search, where
+        one policy's knob changes between passes over the same batches):
+        entering=(k, states): start at layer k from `states_entering(k, ...)` of the same batch; the
+            policy must decide nothing before layer k (its `decision_points`), so those states are
+            what the full forward would compute there.
+        counts_only: only the trace is wanted. No layer past the policy's last decision point runs
+            (the counts cannot change after it) and `logits` is None."""
+        return self._run(input_ids, attention_mask, token_type_ids, entering=entering, counts_only=counts_only)
+
+    def states_entering(self, layer: int, input_ids: Tensor, attention_mask: Tensor | None = None,
+                        token_type_ids: Tensor | None = None) -> Tensor:
+        """The hidden states entering `layer` (after the padding columns no row needs are gone), for
+        `forward(..., entering=(layer, states))`: with the policy's own attention path, which must
+        decide nothing before `layer`."""
+        return self._run(input_ids, attention_mask, token_type_ids, stop_before=layer)
+
+    def _run(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None, *,
+             entering: tuple[int, Tensor] | None = None, counts_only: bool = False,
+             stop_before: int | None = None):
         B, N = input_ids.shape
         alive = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         lengths = alive.sum(1)
         family = self.family
-        mark = self.sections.mark if self.sections is not None else None
-        hidden = family.embed(self.model, input_ids, alive, token_type_ids)
-        tokens = _Tokens(alive, lengths, hidden.dtype)
         policy, gather = self.policy, self.mode == "gather"
+        partial = entering is not None or counts_only or stop_before is not None
+        if partial and (self.restore or self.on_layer is not None):
+            raise ValueError("entering, counts_only and states_entering are for counting passes: "
+                             "not with restore or on_layer")
+        layers = [family.parts(layer) for layer in family.layers(self.model)]
+        L = len(layers)
+        mark = self.sections.mark if self.sections is not None else None
+        start = 0
+        if entering is None:
+            hidden = family.embed(self.model, input_ids, alive, token_type_ids)
+        else:
+            start, hidden = entering
+        tokens = _Tokens(alive, lengths, hidden.dtype)
 
         if gather and self.restore:
             tokens.buffer = torch.cat([hidden, hidden.new_zeros(B, 1, hidden.shape[-1])], dim=1)
             tokens.merged_into = torch.full((B, N), -1, dtype=torch.long, device=hidden.device)
         if gather and int(lengths.max()) < N:  # padding columns no row needs: gone before layer 0
-            hidden = tokens.gather(alive, hidden)
+            if entering is None:
+                hidden = tokens.gather(alive, hidden)
+            else:  # the states entering layer `start` are past this gather already: its bookkeeping only
+                tokens.gather(alive, hidden.new_empty(B, N, 0))
         if policy is not None:
-            policy.start(tokens.state(0, hidden, self.mode))
+            policy.start(tokens.state(start, hidden, self.mode))
         mark and mark("embeddings")
 
-        attn_counts, ffn_counts = [], []
-        layers = [family.parts(layer) for layer in family.layers(self.model)]
-        for i, layer in enumerate(layers):
+        if entering is not None and policy is not None and policy.decision_points(L)[0][0] < start:
+            raise ValueError(f"the policy can decide before layer {start}: a pass cannot start there")
+        stop, decided = None, False
+        if counts_only:
+            if policy is None:  # nothing can change: the counts are the lengths
+                counts = lengths[:, None].expand(B, L)
+                return EncoderOutput(None, Trace(counts, counts, tokens.selector_flops, lengths),
+                                     hidden, tokens.alive, tokens.positions)
+            stop = policy.decision_points(L)[1]
+        # no decision before `start`: every earlier layer processed what entered layer `start`
+        attn_counts, ffn_counts = [tokens.counts] * start, [tokens.counts] * start
+        for i in range(start, L if stop_before is None else stop_before):
+            layer = layers[i]
             if policy is not None:
                 decision = policy.before_layer(i, tokens.state(i, hidden, self.mode))
                 mark and mark("selector")
                 if decision is not None:
+                    decided = True
                     hidden = self._apply_decision(tokens, decision, hidden)
                     mark and mark("gather")
             attn_counts.append(tokens.counts)
+            if stop == (i, "before"):
+                break
             need_probs = policy is not None and policy.needs_attention(i)
             need_sig = policy is not None and policy.needs_significance(i)
             h, probs, keys, sig = self._attention(layer, hidden, tokens, need_probs, need_sig)
@@ -420,9 +475,12 @@ class PrunableEncoder(nn.Module):
                 del probs, keys  # B×H×n×n: free it before the FFN allocates
                 mark and mark("selector")
                 if decision is not None:
+                    decided = True
                     h = self._apply_decision(tokens, decision, h, hidden)
                     mark and mark("gather")
             ffn_counts.append(tokens.counts)
+            if stop == (i, "after"):
+                break
             if self.on_layer is not None:
                 self.on_layer(i, tokens.positions, tokens.alive)
             out = self._ffn(layer, h)
@@ -431,12 +489,24 @@ class PrunableEncoder(nn.Module):
                 out = torch.where(tokens.alive[..., None], out, hidden)
             hidden = out
             mark and mark("ffn")
+        if stop_before is not None:
+            if decided:
+                raise ValueError(f"the policy decided before layer {stop_before}: the states entering it "
+                                 "depend on its knob, so they cannot be reused")
+            return hidden
+
+        if counts_only:  # past the last decision point nothing changes: every later layer gets what is left
+            ffn_counts += [tokens.counts] * (len(attn_counts) - len(ffn_counts))
+            attn_counts += [tokens.counts] * (L - len(attn_counts))
+            ffn_counts += [tokens.counts] * (L - len(ffn_counts))
+            trace = Trace(torch.stack(attn_counts, 1), torch.stack(ffn_counts, 1), tokens.selector_flops, lengths)
+            return EncoderOutput(None, trace, hidden, tokens.alive, tokens.positions)
 
         logits = family.head(self.model, hidden)
         mark and mark("head")
 
         if policy is None:  # nothing can have changed: the counts are the lengths
-            attn = ffn = lengths[:, None].expand(B, len(layers))
+            attn = ffn = lengths[:, None].expand(B, L)
         else:
             attn, ffn = torch.stack(attn_counts, 1), torch.stack(ffn_counts, 1)
         trace = Trace(attn, ffn, tokens.selector_flops, lengths)

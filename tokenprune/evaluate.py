@@ -1,11 +1,13 @@
 """Evaluation through the PrunableEncoder: predictions, labels and the tokens every layer processed.
 
 `run_eval` gives an `EvalResult`; `score` its task metrics; `flops.summarize` turns one into the
-record's FLOPs fields and the speedup against the full backbone.
+record's FLOPs fields and the speedup against the full backbone. `CountPasses`: the counts alone, for
+a calibration's many passes, computing only what its knob changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -92,3 +94,61 @@ def score(task, result: EvalResult) -> tuple[str, float, dict]:
     metrics = task_data.compute_metrics(task.metric, result.predictions, result.labels)
     name = task_data.PRIMARY[task.metric]
     return name, metrics[name], metrics
+
+
+@dataclass
+class Counts:
+    """The token counts of a pass, what `flops.summarize` and `flops.canonical_flops` read."""
+
+    attn_tokens: np.ndarray  # N×L
+    ffn_tokens: np.ndarray  # N×L
+    selector_flops: np.ndarray  # N
+    lengths: np.ndarray  # N
+
+
+class CountPasses:
+    """Passes over one loader that only count tokens, for a search that changes one policy's knob between
+    passes (calibration). Each pass computes only what the knob can change: the states entering the
+    policy's first decision point are computed once and reused (no knob changes them), and no layer
+    past its last decision point runs (the counts there cannot change). The counts are those of
+    `run_eval` in gather mode with the same policy, bit for bit: the same batches go through the same
+    operations up to the last decision.
+
+    passes = CountPasses(model, policy, loader, device)
+    policy.tau = 1.5; counts = passes()      # the policy as it is at the call
+    """
+
+    def __init__(self, model: torch.nn.Module, policy: TokenPolicy, loader: Iterable[dict], device: torch.device | str):
+        self.encoder = PrunableEncoder(model, policy, mode="gather")
+        self.first = policy.decision_points(self.encoder.num_layers)[0][0]
+        self.batches = []
+        with self._eval(), torch.inference_mode():
+            for batch in loader:
+                ids = batch["input_ids"].to(device)
+                mask, types = batch.get("attention_mask"), batch.get("token_type_ids")
+                mask = None if mask is None else mask.to(device)
+                types = None if types is None else types.to(device)
+                states = self.encoder.states_entering(self.first, ids, mask, types) if self.first > 0 else None
+                self.batches.append((ids, mask, types, states))
+
+    @contextlib.contextmanager
+    def _eval(self):
+        was_training = self.encoder.training
+        self.encoder.eval()
+        try:
+            yield
+        finally:
+            self.encoder.train(was_training)
+
+    def __call__(self) -> Counts:
+        attn, ffn, selector, lengths = [], [], [], []
+        with self._eval(), torch.inference_mode():
+            for ids, mask, types, states in self.batches:
+                entering = None if states is None else (self.first, states)
+                trace = self.encoder(ids, mask, types, entering=entering, counts_only=True).trace
+                attn.append(trace.attn_tokens.cpu())
+                ffn.append(trace.ffn_tokens.cpu())
+                selector.append(trace.selector_flops.cpu())
+                lengths.append(trace.lengths.cpu())
+        return Counts(torch.cat(attn).numpy(), torch.cat(ffn).numpy(), torch.cat(selector).numpy(),
+                      torch.cat(lengths).numpy())

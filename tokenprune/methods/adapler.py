@@ -94,7 +94,7 @@ from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenStat
 from tokenprune.errors import UserError
 from tokenprune.evaluate import score
 from tokenprune.methods.base import Method
-from tokenprune.methods.toolbox import (calib_result, calib_score, learning_record, meet_target, rank_correlation,
+from tokenprune.methods.toolbox import (calib_result, calib_score, calib_speedups, learning_record, meet_target, rank_correlation,
                                         travel, travel_lr, walk_settings, walk_to_target)
 from tokenprune.train import MODEL_INPUTS, TrainingDiverged, default_param_groups, task_loss, to_device
 
@@ -220,6 +220,9 @@ class AdapLeRPolicy(TokenPolicy):
 
     def soft(self) -> bool:
         return self.training and self.lam is not None
+
+    def decision_points(self, num_layers: int) -> tuple[tuple[int, str], tuple[int, str]]:
+        return (0, "before"), (num_layers - 1, "before")  # a CP before every layer, none after
 
     def before_layer(self, layer: int, state: TokenState) -> Decision:
         live = state.mask
@@ -529,9 +532,11 @@ class AdapLeR(Method):
             policy.scale = 1.0
             return {"eta": eta, "eta_scale": 1.0, "calib_speedup": self._calib_point(model, policy)[1]}
 
+        speedup = calib_speedups(self.job, model, policy)
+
         def speed(scale: float) -> float:
             policy.scale = scale
-            return self._calib_point(model, policy)[1]
+            return speedup()
 
         # at the extreme scale every CP_0 threshold exceeds any share (δ > 1): only [CLS] goes on
         top = (max(self.job.splits["calib"]["length"]) + 1) / max(min(eta), 1e-6)

@@ -34,7 +34,7 @@ from tokenprune.control import PIController
 from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenState
 from tokenprune.errors import UserError
 from tokenprune.methods.base import Method
-from tokenprune.methods.toolbox import calib_result, meet_target
+from tokenprune.methods.toolbox import calib_speedups, meet_target
 from tokenprune.train import default_param_groups, fit, task_loss
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ class DeleteGate(TokenPolicy):
 
     def gate(self, hidden: Tensor) -> Tensor:
         return K * torch.sigmoid(self.linear(self.norm(hidden)).squeeze(-1))
+
+    def decision_points(self, num_layers: int) -> tuple[tuple[int, str], tuple[int, str]]:
+        return (self.after_layer + 1, "before"), (self.after_layer + 1, "before")
 
     def before_layer(self, layer: int, state: TokenState) -> Decision | None:
         if layer != self.after_layer + 1:
@@ -153,9 +156,12 @@ class Gate(Method):
         return gate.eval()
 
     def choose_knob(self, target: float) -> dict:
+        policy = self._policy(K)
+        passes = calib_speedups(self.job, self._model, policy)
+
         def speedup(threshold: float) -> float:
-            result = calib_result(self.job, self._model, self._policy(threshold))
-            return flops.summarize(result, None, self._model.config, self.job.backbone.config)["flops_speedup"]
+            policy.threshold = threshold
+            return passes()
 
         # the gentle end deletes nothing (G > k always); raising the threshold toward 0 deletes more
         self.threshold, achieved = meet_target(speedup, target, gentle=K, extreme=[K / 2, -1e-3], steps=20,

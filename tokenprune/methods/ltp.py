@@ -45,7 +45,7 @@ from tokenprune import flops
 from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenState
 from tokenprune.errors import UserError
 from tokenprune.methods.base import Method
-from tokenprune.methods.toolbox import calib_result, calib_score, meet_target
+from tokenprune.methods.toolbox import calib_score, calib_speedups, meet_target
 from tokenprune.train import default_param_groups, fit, task_loss
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,9 @@ class LTPPolicy(TokenPolicy):
 
     def needs_attention(self, layer: int) -> bool:
         return layer > 0
+
+    def decision_points(self, num_layers: int) -> tuple[tuple[int, str], tuple[int, str]]:
+        return (min(1, num_layers - 1), "after"), (num_layers - 1, "after")
 
     def threshold(self, layer: int) -> Tensor:
         return self.thresholds()[layer] * self.scale
@@ -163,9 +166,12 @@ class LTP(Method):
         return policy.eval()
 
     def calibrate_scale(self, model: nn.Module, s: dict, thresholds: Tensor, target: float) -> tuple[float, float]:
+        policy = self.hard_policy(s, thresholds, 1.0)
+        passes = calib_speedups(self.job, model, policy)
+
         def speedup(scale: float) -> float:
-            result = calib_result(self.job, model, self.hard_policy(s, thresholds, scale))
-            return flops.summarize(result, None, model.config, self.job.backbone.config)["flops_speedup"]
+            policy.scale = scale
+            return passes()
 
         return meet_target(speedup, target, gentle=0.0, extreme=[2.0, 8.0, 32.0, 128.0], steps=14, method=self.name,
                            extreme_means="thresholds 128 times the learned ones")

@@ -5,7 +5,8 @@
   is a trained model (train, save beside `info.json`, reload from the entry).
 - `teacher_logits`: the fine-tuned backbone's logits on training examples, for the methods that distil.
 - `calib_result` / `calib_score`: an evaluation on `calib`, where checkpoints and knobs are chosen
-  (never on dev).
+  (never on dev); `calib_speedups`: a knob search's FLOPs speedups on calib, each pass computing only
+  what the knob changes.
 - `meet_target`: the knob search that meets a speedup target (an ITP search to bisection's
   precision, in the knob or its log, or a scan), with the one sentence for a target out of reach.
 - `travel`, `travel_scale`, `travel_lr`: the learning-rate rule that makes a learned knob able to move
@@ -33,7 +34,8 @@ from transformers import AutoModelForSequenceClassification
 from scipy.stats import spearmanr
 
 from tokenprune.errors import UserError
-from tokenprune.evaluate import EvalResult, run_eval, score
+from tokenprune import flops
+from tokenprune.evaluate import CountPasses, EvalResult, run_eval, score
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,22 @@ class Phases:
 def calib_result(job: Job, model: nn.Module, policy=None) -> EvalResult:
     """`model` with `policy` on calib, tokens physically removed."""
     return run_eval(model, policy, job.loader("calib"), job.device, mode="gather", progress=False)
+
+
+def calib_speedups(job: Job, model: nn.Module, policy) -> Callable[[], float]:
+    """The canonical FLOPs speedup on calib of `model` with `policy` as the policy is at each call, for a
+    search that sets the policy's knob between calls. The passes (`CountPasses`) reuse the states
+    entering the policy's first decision point and stop at its last: the same counts as
+    `calib_result`, for a fraction of its work."""
+    passes = CountPasses(model, policy, job.loader("calib"), job.device)
+    base_config = job.backbone.config
+
+    def speedup() -> float:
+        counts = passes()
+        ours = flops.canonical_flops(counts.attn_tokens, counts.ffn_tokens, model.config, counts.selector_flops)
+        return flops.speedup(flops.canonical_baseline(counts.lengths, base_config), ours)
+
+    return speedup
 
 
 def calib_score(job: Job, model: nn.Module, policy=None) -> float:
@@ -349,5 +367,5 @@ def learning_record(method: str, knobs: dict[str, dict], *, target: float, own_s
     return block
 
 
-__all__ = ["Phases", "load_model", "calib_result", "calib_score", "teacher_logits", "examples_id", "meet_target",
+__all__ = ["Phases", "load_model", "calib_result", "calib_speedups", "calib_score", "teacher_logits", "examples_id", "meet_target",
            "travel", "travel_scale", "travel_lr", "choose_for_target", "walk_to_target", "rank_correlation", "learning_record"]

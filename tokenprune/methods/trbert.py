@@ -97,7 +97,7 @@ from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenStat
 from tokenprune.errors import UserError
 from tokenprune.evaluate import run_eval
 from tokenprune.methods.base import Method
-from tokenprune.methods.toolbox import (learning_record, meet_target, rank_correlation, teacher_logits, travel,
+from tokenprune.methods.toolbox import (calib_speedups, learning_record, meet_target, rank_correlation, teacher_logits, travel,
                                         travel_lr, walk_settings, walk_to_target)
 from tokenprune.train import default_param_groups, fit, task_loss, to_device
 
@@ -160,6 +160,9 @@ class TrBertPolicy(TokenPolicy):
 
     def start(self, state: TokenState) -> None:
         self.records = []
+
+    def decision_points(self, num_layers: int) -> tuple[tuple[int, str], tuple[int, str]]:
+        return (self.points[0], "before"), (self.points[-1], "before")
 
     def before_layer(self, layer: int, state: TokenState) -> Decision | None:
         if layer not in self.points:
@@ -610,11 +613,15 @@ class TrBert(Method):
         return info
 
     # ---- the knob -------------------------------------------------------------------------------------
-    def _speedup_with(self, model: nn.Module, policy: TrBertPolicy, tau: float, loader) -> float:
+    def _threshold_policy(self, policy: TrBertPolicy, tau: float) -> TrBertPolicy:
+        """A copy of `policy`'s selectors deciding at threshold logit `tau` (inference)."""
         pol = self._new_policy()
         pol.load_state_dict(policy.state_dict())
         pol.tau, pol.batch_max, pol.action = tau, bool(self.cfg.method.batch_max), "threshold"
-        pol = pol.to(self.job.device).eval()
+        return pol.to(self.job.device).eval()
+
+    def _speedup_with(self, model: nn.Module, policy: TrBertPolicy, tau: float, loader) -> float:
+        pol = self._threshold_policy(policy, tau)
         res = run_eval(model, pol, loader, self.job.device, mode="gather", progress=False)
         base = flops.canonical_baseline(res.lengths, self.job.backbone.config)
         ours = flops.canonical_flops(res.attn_tokens, res.ffn_tokens, model.config, res.selector_flops)
@@ -637,9 +644,9 @@ class TrBert(Method):
 
     def _fit_threshold(self, model: nn.Module, policy: TrBertPolicy, target: float) -> tuple[float, float]:
         """(τ, calib speedup): the smallest threshold logit whose canonical FLOPs speedup on calib, in
-        gather mode with the eval batching, meets the target (bisection on the logit)."""
+        gather mode with the eval batching, meets the target (`meet_target` on the logit, passes that
+        compute only the layers a threshold changes: `calib_speedups`)."""
         m = self.cfg.method
-        loader = self.job.loader("calib")
         lo, hi = math.inf, -math.inf
         for _, logits, cands in self._calib_logits(model, policy):  # the unpruned logits bound the search
             for z, c in zip(logits, cands):
@@ -657,12 +664,15 @@ class TrBert(Method):
                 yield h
             yield math.inf
 
-        return meet_target(lambda tau: self._speedup_with(model, policy, tau, loader), target, gentle=lo,
-                           extreme=extremes(), steps=int(m.calib_iters), method="trbert",
-                           extreme_means="even keeping only [CLS] after layer 0")
+        pol = self._threshold_policy(policy, lo)
+        speedup = calib_speedups(self.job, model, pol)
 
-    def _speedup_at(self, tau: float, loader) -> float:
-        return self._speedup_with(self._model, self._policy, tau, loader)
+        def speedup_at(tau: float) -> float:
+            pol.tau = tau
+            return speedup()
+
+        return meet_target(speedup_at, target, gentle=lo, extreme=extremes(), steps=int(m.calib_iters),
+                           method="trbert", extreme_means="even keeping only [CLS] after layer 0")
 
     def choose_knob(self, target: float) -> dict:
         m = self.cfg.method
