@@ -1,10 +1,12 @@
 """Time of a searched calibration on IMDB: TR-BERT's threshold (and AdapLeR's η scale) set on calib
-examples to a FLOPs target, by bisection (the suite's search before issue 21) and by ITP
-(`toolbox.meet_target` now), at the methods' own precision (calib_iters / max_scale_iters = 16).
-
-Untrained selectors (seeded) on MiniLM: a pass over calib costs what a trained one's does, and the
-number of passes is what the search changes. Each pass is one gather-mode evaluation of calib in
-length-sorted batches of `eval_batch_size`, as `TrBert._speedup_at` runs it.
+examples to a FLOPs target, at the methods' own precision (calib_iters / max_scale_iters = 16), three ways:
+    bisection   full passes, bisection (the suite's search before issue 21)
+    ITP         full passes, ITP (`toolbox.meet_target`: fewer passes)
+    ITP+counts  ITP over passes that compute only what the knob changes (`evaluate.CountPasses`, what
+                the methods now run: the states entering the first decision point computed once,
+                nothing past the last), the same counts bit for bit
+A full pass is one gather-mode evaluation of calib in length-sorted batches of `eval_batch_size`.
+Untrained selectors (seeded) on MiniLM: a pass over calib costs what a trained one's does.
 
     python experiments/bench_calibration.py --n 200          # IMDB calib of 200 reviews
 """
@@ -22,6 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_methods as bm  # noqa: E402
+from tokenprune import flops  # noqa: E402
+from tokenprune.evaluate import CountPasses  # noqa: E402
 from tokenprune.methods.adapler import AdapLeRPolicy  # noqa: E402
 from tokenprune.methods.toolbox import meet_target  # noqa: E402
 from tokenprune.methods.trbert import TrBertPolicy  # noqa: E402
@@ -58,11 +62,12 @@ def main(argv=None) -> None:
     rows = bm.imdb_texts(args.n, 0, tokenizer)
     ctx = bm.Context(model, rows, bm.make_batches(rows, args.batch_size, torch.device("cpu")))
     cfg = model.config
+    batches = [dict(zip(("input_ids", "attention_mask", "token_type_ids"), b)) for b in ctx.batches]
     print(f"IMDB calib: {len(rows)} reviews, mean {ctx.lengths.mean():.0f} tokens; batches of {args.batch_size}; "
           f"{torch.get_num_threads()} thread(s)")
     for name in args.methods:
         for target in args.targets:
-            for search_name, search in (("bisection", bisection), ("ITP", meet_target)):
+            for search_name, search in (("bisection", bisection), ("ITP", meet_target), ("ITP+counts", meet_target)):
                 torch.manual_seed(0)
                 if name == "trbert":
                     policy = TrBertPolicy(cfg.hidden_size, cfg.num_hidden_layers).eval()
@@ -73,17 +78,22 @@ def main(argv=None) -> None:
                     bounds = dict(gentle=1e-4, extreme=(int(ctx.lengths.max()) + 1) / float(policy.eta.min()),
                                   geometric=True)
                 passes = []
+                start = time.perf_counter()
+                counted = CountPasses(model, policy, batches, "cpu") if search_name == "ITP+counts" else None
 
                 def speedup(knob):
                     setattr(policy, field, knob)
                     passes.append(knob)
-                    return bm.flops_speedup(ctx, model, policy)
+                    if counted is None:
+                        return bm.flops_speedup(ctx, model, policy)
+                    c = counted()
+                    return flops.speedup(flops.canonical_baseline(c.lengths, cfg),
+                                         flops.canonical_flops(c.attn_tokens, c.ffn_tokens, cfg, c.selector_flops))
 
-                start = time.perf_counter()
                 with torch.inference_mode():
                     knob, achieved = search(speedup, target, steps=16, method=name, extreme_means="-", **bounds)
                 seconds = time.perf_counter() - start
-                print(f"  {name} {target:g}x {search_name:9s}: {len(passes):2d} passes, {seconds:6.1f} s "
+                print(f"  {name} {target:g}x {search_name:10s}: {len(passes):2d} passes, {seconds:6.1f} s "
                       f"({seconds / len(passes):.1f} s/pass); knob {knob:.5g}, calib speedup {achieved:.3f}",
                       flush=True)
 
