@@ -406,6 +406,8 @@ class AdapLeR(Method):
         sched_eta = get_linear_schedule_with_warmup(opt_eta, warm, total)
 
         ft_score = calib_score(job, job.backbone)
+        # each φ the walk trains keeps a W&B curve of its own (no "." in the name: W&B nests dotted keys)
+        curve = "adapler" if phi == float(m.phi) else f"adapler-phi{phi:.0e}"
         history, best, step = [], None, 0
         for epoch in range(epochs):
             encoder.train()
@@ -436,8 +438,8 @@ class AdapLeR(Method):
                 clip_eta(policy.eta, lo, hi)
                 step += 1
                 bar.set_postfix(ce=f"{ce.item():.3f}", kl=f"{kl.item():.3f}", n=f"{length.item():.1f}")
-                job.log({"adapler/ce": ce.item(), "adapler/kl": kl.item(), "adapler/length": length.item(),
-                         "adapler/lambda": policy.lam}, step=step)
+                job.log({f"{curve}/ce": ce.item(), f"{curve}/kl": kl.item(), f"{curve}/length": length.item(),
+                         f"{curve}/lambda": policy.lam}, step=step)
             encoder.eval()
             score, speed = self._calib_point(model, policy)
             ok = score >= ft_score - float(m.within)

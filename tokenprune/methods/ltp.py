@@ -148,7 +148,8 @@ class LTP(Method):
                 return task_loss(out.logits, batch["labels"]) + lam * policy.regulariser()
 
             info = fit(encoder, job.loader("train", train=True), train_cfg=cfg.train, epochs=int(cfg.budget.epochs),
-                       device=job.device, step_fn=step, param_groups=groups, log_fn=job.log, desc="ltp-soft")
+                       device=job.device, step_fn=step, param_groups=groups, log_fn=job.log,
+                       desc="ltp-soft" if lam == s["lambdas"][0] else f"ltp-soft-lambda{lam:.0e}")  # a curve per λ
             thresholds = policy.thresholds().detach().cpu()
             torch.save(thresholds, tmp / "thresholds.pt")
             return model, {"lambda": lam, "thresholds": thresholds.tolist(),

@@ -488,7 +488,9 @@ class TrBert(Method):
                 pol.load_state_dict(pol_c)
                 pol.detach_input = bool(m.detach_selector_input)
                 pol.tau = self._tau_for_training()
-                hist = self._reinforce(backbone, pol, scores, alpha_e, joint=True, teacher=teacher)
+                # each α the walk trains keeps a W&B curve of its own (no "." in the name: W&B nests dotted keys)
+                curve = "trbert joint" if alpha_e == self.alpha_joint(target) else f"trbert joint-alpha{alpha_e:.0e}"
+                hist = self._reinforce(backbone, pol, scores, alpha_e, joint=True, teacher=teacher, curve=curve)
                 torch.save(pol.state_dict(), tmp / "policy.pt")
                 return backbone, hist
 
@@ -558,7 +560,7 @@ class TrBert(Method):
             policy.action = "threshold"
 
     def _reinforce(self, backbone: nn.Module, policy: TrBertPolicy, scores: dict[int, np.ndarray], alpha: float,
-                   joint: bool, teacher: dict | None = None) -> dict:
+                   joint: bool, teacher: dict | None = None, curve: str | None = None) -> dict:
         """Phase C (joint=False: selectors only, heuristic imitation at first) or E (joint=True)."""
         m, device, K = self.cfg.method, self.job.device, self.rollouts
         loader = self._loader(True, int(m.batch_size))
@@ -601,7 +603,7 @@ class TrBert(Method):
         try:
             info = fit(trainer, loader, train_cfg=self.cfg.train, epochs=self.epochs, device=device, step_fn=step,
                        param_groups=groups, after_step=after, log_fn=self.job.log,
-                       desc="trbert joint" if joint else "trbert rl")
+                       desc=curve or ("trbert joint" if joint else "trbert rl"))
         finally:
             for p in backbone.parameters():
                 p.requires_grad_(True)
