@@ -215,9 +215,57 @@ def distilbert_variant(ctx: Context, target: float) -> Variant | None:
     return Variant(student, None, {"layers": k})
 
 
+def merge_variant(kind: str) -> Callable[[Context, float], Variant]:
+    """ToMe or PiToMe merging from layer 0 on (the methods' default), the ratio set from the lengths as
+    the methods set it on calib."""
+    def make(ctx: Context, target: float) -> Variant:
+        from tokenprune.methods.pitome import PiToMePolicy
+        from tokenprune.methods.tome import MergePolicy, merge_counts
+
+        L, head_dim = ctx.config.num_hidden_layers, ctx.config.hidden_size // ctx.config.num_attention_heads
+        layers = list(range(L))
+        base = flops.canonical_baseline(ctx.lengths, ctx.config)
+
+        def speedup(ratio: float) -> float:
+            attn, ffn, selector = merge_counts(ctx.lengths, L, layers, ratio, head_dim, kind)
+            return flops.speedup(base, flops.canonical_flops(attn, ffn, ctx.config, selector))
+
+        ratio, _ = meet_target(speedup, target, gentle=0.0, extreme=0.5, method=kind, extreme_means="merging half")
+        policy = MergePolicy(layers, ratio) if kind == "tome" else PiToMePolicy(layers, ratio, L)
+        return Variant(ctx.model, policy.eval(), {"ratio": round(ratio, 4)})
+
+    return make
+
+
+def ltp_variant(ctx: Context, target: float) -> Variant:
+    """LTP's hard pruning at its initial thresholds (final_threshold·l/L), their common scale searched."""
+    from tokenprune.methods.ltp import LTPPolicy
+
+    policy = LTPPolicy(ctx.config.num_hidden_layers, 0.01, 1e-3, int(ctx.lengths.max()), hard=True).eval()
+    scale = set_by_search(ctx, policy, "scale", target, gentle=0.0, extreme=[2.0, 8.0, 32.0, 128.0, 1024.0],
+                          method="ltp", extreme_means="thresholds 1024 times the initial ones")
+    return Variant(ctx.model, policy, {"threshold_scale": round(scale, 4)})
+
+
+def gate_variant(ctx: Context, target: float) -> Variant:
+    """The single delete gate after layer 0 (one gather per forward), seeded random weights (an untrained
+    gate scores every token alike), its threshold searched."""
+    from tokenprune.methods.gate import K, DeleteGate
+
+    torch.manual_seed(ctx.seed)
+    gate = DeleteGate(ctx.config.hidden_size, after_layer=0, hard=True)
+    torch.nn.init.normal_(gate.linear.weight, std=1.0)
+    torch.nn.init.zeros_(gate.linear.bias)
+    gate.eval()
+    threshold = set_by_search(ctx, gate, "threshold", target, gentle=K, extreme=[K / 2, -1e-3], method="gate",
+                              extreme_means="deleting every token after layer 0")
+    return Variant(ctx.model, gate, {"threshold": round(threshold, 4)})
+
+
 VARIANTS: dict[str, Callable[[Context, float], Variant | None]] = {
     "topk": topk_variant, "powerbert": powerbert_variant, "random": random_variant, "trbert": trbert_variant,
     "adapler": adapler_variant, "truncate": truncate_variant, "distilbert": distilbert_variant,
+    "tome": merge_variant("tome"), "pitome": merge_variant("pitome"), "ltp": ltp_variant, "gate": gate_variant,
 }
 
 

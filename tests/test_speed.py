@@ -112,9 +112,11 @@ def test_bench_methods_runs_on_tiny(tmp_path):
         sys.path.pop(0)
     records = bench_methods.main(["--model", "tiny", "--quick", "--n", "2", "--n-batched", "4", "--batch-size", "2",
                                   "--repeats", "1", "--targets", "2", "--breakdown-target", "2",
-                                  "--methods", "topk", "trbert", "distilbert", "--out", str(tmp_path)])
+                                  "--methods", "topk", "trbert", "distilbert", "tome", "pitome", "ltp", "gate",
+                                  "--out", str(tmp_path)])
     got = {(r["method"], r["length"], r["batch"]) for r in records}
     assert {("topk", "imdb", 1), ("topk", "sst2", 2), ("trbert", "imdb", 2), ("distilbert", "sst2", 1)} <= got
+    assert {(m, "imdb", b) for m in ("tome", "pitome", "ltp", "gate") for b in (1, 2)} <= got  # every family
     for r in records:
         assert abs(r["flops_speedup"] - 2.0) < 0.35 and r["wall_speedup"] > 0
         assert r["wall_over_flops"] == pytest.approx(r["wall_speedup"] / r["flops_speedup"], abs=0.01)
