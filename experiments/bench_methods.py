@@ -249,12 +249,13 @@ def ltp_variant(ctx: Context, target: float) -> Variant:
 
 def gate_variant(ctx: Context, target: float) -> Variant:
     """The single delete gate after layer 0 (one gather per forward), seeded random weights (an untrained
-    gate scores every token alike), its threshold searched."""
+    gate scores every token alike), its threshold searched. MrT5's gate is G = k·sigmoid(·) in (k, 0),
+    k < 0; a token is kept where G ≥ the threshold (k keeps all, near 0 deletes nearly all)."""
     from tokenprune.methods.gate import K, DeleteGate
 
     torch.manual_seed(ctx.seed)
     gate = DeleteGate(ctx.config.hidden_size, after_layer=0, hard=True)
-    torch.nn.init.normal_(gate.linear.weight, std=1.0)
+    torch.nn.init.normal_(gate.linear.weight, std=ctx.config.hidden_size ** -0.5)  # logits ~ N(0, 1): gates spread over (k, 0)
     torch.nn.init.zeros_(gate.linear.bias)
     gate.eval()
     threshold = set_by_search(ctx, gate, "threshold", target, gentle=K, extreme=[K / 2, -1e-3], method="gate",
