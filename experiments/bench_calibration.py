@@ -86,9 +86,7 @@ def main(argv=None) -> None:
                     passes.append(knob)
                     if counted is None:
                         return bm.flops_speedup(ctx, model, policy)
-                    c = counted()
-                    return flops.speedup(flops.canonical_baseline(c.lengths, cfg),
-                                         flops.canonical_flops(c.attn_tokens, c.ffn_tokens, cfg, c.selector_flops))
+                    return flops.canonical_speedup(counted(), cfg, cfg)
 
                 with torch.inference_mode():
                     knob, achieved = search(speedup, target, steps=16, method=name, extreme_means="-", **bounds)

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from tokenprune import flops, timing  # noqa: E402
 from tokenprune.encoder import PrunableEncoder, TokenPolicy  # noqa: E402
+from tokenprune.evaluate import Counts  # noqa: E402
 from tokenprune.errors import UserError  # noqa: E402
 from tokenprune.methods import REGISTRY, get  # noqa: E402
 from tokenprune.methods.toolbox import meet_target  # noqa: E402
@@ -125,9 +126,8 @@ def run_counts(model, policy, batches) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def flops_speedup(ctx: Context, model, policy, batches=None) -> float:
-    attn, ffn, sel, lengths = run_counts(model, policy, ctx.batches if batches is None else batches)
-    return flops.speedup(flops.canonical_baseline(lengths, ctx.config),
-                         flops.canonical_flops(attn, ffn, model.config, sel))
+    counts = Counts(*run_counts(model, policy, ctx.batches if batches is None else batches))
+    return flops.canonical_speedup(counts, model.config, ctx.config)
 
 
 def schedule_shape(layers: int) -> list[float]:
@@ -311,11 +311,7 @@ def time_pair(method: PrunableEncoder, full: PrunableEncoder, inputs, clock, rep
         for x in inputs:
             enc(*x)
 
-    t_m, t_b = [], []
-    for r in range(repeats):
-        order = ((method, t_m), (full, t_b))
-        for enc, out in order if r % 2 == 0 else order[::-1]:
-            out.append(clock.seconds(lambda: one_pass(enc)))
+    t_m, t_b = timing.alternated(lambda: one_pass(method), lambda: one_pass(full), clock, repeats)
     return statistics.median(t_m), statistics.median(t_b)
 
 

@@ -443,7 +443,8 @@ class PrunableEncoder(nn.Module):
             policy.start(tokens.state(start, hidden, self.mode))
         mark and mark("embeddings")
 
-        if entering is not None and policy is not None and policy.decision_points(L)[0][0] < start:
+        first_point, last_point = policy.decision_points(L) if policy is not None else (None, None)
+        if entering is not None and policy is not None and first_point[0] < start:
             raise ValueError(f"the policy can decide before layer {start}: a pass cannot start there")
         stop, decided = None, False
         if counts_only:
@@ -451,7 +452,7 @@ class PrunableEncoder(nn.Module):
                 counts = lengths[:, None].expand(B, L)
                 return EncoderOutput(None, Trace(counts, counts, tokens.selector_flops, lengths),
                                      hidden, tokens.alive, tokens.positions)
-            stop = policy.decision_points(L)[1]
+            stop = last_point
         # no decision before `start`: every earlier layer processed what entered layer `start`
         attn_counts, ffn_counts = [tokens.counts] * start, [tokens.counts] * start
         for i in range(start, L if stop_before is None else stop_before):

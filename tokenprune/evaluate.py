@@ -35,6 +35,25 @@ class EvalResult:
         return len(self.predictions)
 
 
+def _inputs(batch: dict, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(input_ids, attention_mask, token_type_ids) of a dict batch on `device` (absent ones None)."""
+    mask, types = batch.get("attention_mask"), batch.get("token_type_ids")
+    return (batch["input_ids"].to(device), None if mask is None else mask.to(device),
+            None if types is None else types.to(device))
+
+
+@contextlib.contextmanager
+def _evaluating(encoder: PrunableEncoder):
+    """Eval mode and inference mode inside; the encoder (model and policy) given back in its mode."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        encoder.train(was_training)
+
+
 def run_eval(
     model: torch.nn.Module,
     policy: TokenPolicy | None,
@@ -50,31 +69,21 @@ def run_eval(
     on_layer(batch, layer, positions, alive): called at every layer of every batch with the original
     positions still alive after that layer's decisions (`PrunableEncoder`'s `on_layer`)."""
     encoder = PrunableEncoder(model, policy, mode=mode)
-    was_training = encoder.training
-    encoder.eval()
     logits, labels, attn, ffn, selector, lengths, idx = [], [], [], [], [], [], []
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(loader, desc="evaluate", leave=False, disable=None if progress is None else not progress):
-                ids = batch["input_ids"].to(device)
-                mask = batch.get("attention_mask")
-                types = batch.get("token_type_ids")
-                mask = None if mask is None else mask.to(device)
-                types = None if types is None else types.to(device)
-                if on_layer is not None:
-                    encoder.on_layer = functools.partial(on_layer, batch)
-                out = encoder(ids, mask, types)
-                logits.append(out.logits.float().cpu())
-                attn.append(out.trace.attn_tokens.cpu())
-                ffn.append(out.trace.ffn_tokens.cpu())
-                selector.append(out.trace.selector_flops.cpu())
-                lengths.append(out.trace.lengths.cpu())
-                if "labels" in batch:
-                    labels.append(batch["labels"].cpu())
-                if "idx" in batch:
-                    idx.append(batch["idx"].cpu())
-    finally:
-        encoder.train(was_training)
+    with _evaluating(encoder):
+        for batch in tqdm(loader, desc="evaluate", leave=False, disable=None if progress is None else not progress):
+            if on_layer is not None:
+                encoder.on_layer = functools.partial(on_layer, batch)
+            out = encoder(*_inputs(batch, device))
+            logits.append(out.logits.float().cpu())
+            attn.append(out.trace.attn_tokens.cpu())
+            ffn.append(out.trace.ffn_tokens.cpu())
+            selector.append(out.trace.selector_flops.cpu())
+            lengths.append(out.trace.lengths.cpu())
+            if "labels" in batch:
+                labels.append(batch["labels"].cpu())
+            if "idx" in batch:
+                idx.append(batch["idx"].cpu())
     all_logits = torch.cat(logits).numpy()
     predictions = all_logits[:, 0] if all_logits.shape[1] == 1 else all_logits.argmax(-1)
     return EvalResult(
@@ -122,30 +131,18 @@ class CountPasses:
         self.encoder = PrunableEncoder(model, policy, mode="gather")
         self.first = policy.decision_points(self.encoder.num_layers)[0][0]
         self.batches = []
-        with self._eval(), torch.inference_mode():
+        with _evaluating(self.encoder):
             for batch in loader:
-                ids = batch["input_ids"].to(device)
-                mask, types = batch.get("attention_mask"), batch.get("token_type_ids")
-                mask = None if mask is None else mask.to(device)
-                types = None if types is None else types.to(device)
-                states = self.encoder.states_entering(self.first, ids, mask, types) if self.first > 0 else None
-                self.batches.append((ids, mask, types, states))
-
-    @contextlib.contextmanager
-    def _eval(self):
-        was_training = self.encoder.training
-        self.encoder.eval()
-        try:
-            yield
-        finally:
-            self.encoder.train(was_training)
+                inputs = _inputs(batch, device)
+                states = self.encoder.states_entering(self.first, *inputs) if self.first > 0 else None
+                self.batches.append((inputs, states))
 
     def __call__(self) -> Counts:
         attn, ffn, selector, lengths = [], [], [], []
-        with self._eval(), torch.inference_mode():
-            for ids, mask, types, states in self.batches:
+        with _evaluating(self.encoder):
+            for inputs, states in self.batches:
                 entering = None if states is None else (self.first, states)
-                trace = self.encoder(ids, mask, types, entering=entering, counts_only=True).trace
+                trace = self.encoder(*inputs, entering=entering, counts_only=True).trace
                 attn.append(trace.attn_tokens.cpu())
                 ffn.append(trace.ffn_tokens.cpu())
                 selector.append(trace.selector_flops.cpu())

@@ -187,6 +187,14 @@ def speedup(baseline: Any, method: Any) -> float:
     return float(_array(baseline).sum() / _array(method).sum())
 
 
+def canonical_speedup(counts: Any, config: Any, baseline_config: Any) -> float:
+    """The canonical FLOPs speedup of a pass's counts (anything with `attn_tokens`, `ffn_tokens`,
+    `selector_flops`, `lengths`: an `EvalResult`, a `Counts`) against the full backbone on the same
+    lengths: `summarize`'s `flops_speedup`, without the other accountings."""
+    ours = canonical_flops(counts.attn_tokens, counts.ffn_tokens, config, counts.selector_flops)
+    return speedup(canonical_baseline(counts.lengths, baseline_config), ours)
+
+
 def summarize(
     result: Any,
     baseline: Any,

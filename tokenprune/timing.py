@@ -45,6 +45,18 @@ class _Clock:
         return time.perf_counter() - start
 
 
+def alternated(run_method: Callable[[], Any], run_full: Callable[[], Any], clock: _Clock, repeats: int,
+               first: int = 0) -> tuple[list[float], list[float]]:
+    """Seconds of `repeats` runs of each, alternated round by round (the method first in even rounds,
+    counted from `first`), so that drift on a shared machine hits both sides alike."""
+    times_method, times_full = [], []
+    for r in range(repeats):
+        order = ((run_method, times_method), (run_full, times_full))
+        for run, times in order if (first + r) % 2 == 0 else order[::-1]:
+            times.append(clock.seconds(run))
+    return times_method, times_full
+
+
 def sdpa_backend(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     """The kernel scaled_dot_product_attention picks for this model's attention shapes, without a
     mask / with a key mask (e.g. "flash_attention/flash_attention" on CPU): what the baseline is
@@ -124,11 +136,7 @@ def time_method(
 
             lat_method, lat_base = [], []
             for j, x in enumerate(singles):
-                runs_m, runs_b = [], []
-                for r in range(repeats):
-                    order = ((method, runs_m), (full, runs_b))
-                    for enc, runs in order if (j + r) % 2 == 0 else order[::-1]:
-                        runs.append(clock.seconds(lambda: enc(*x)))
+                runs_m, runs_b = alternated(lambda: method(*x), lambda: full(*x), clock, repeats, first=j)
                 lat_method.append(float(np.median(runs_m)))
                 lat_base.append(float(np.median(runs_b)))
 
@@ -136,11 +144,7 @@ def time_method(
                 for b in batches:
                     enc(*b)
 
-            pass_method, pass_base = [], []
-            for r in range(repeats):
-                order = ((method, pass_method), (full, pass_base))
-                for enc, passes in order if r % 2 == 0 else order[::-1]:
-                    passes.append(clock.seconds(lambda: one_pass(enc)))
+            pass_method, pass_base = alternated(lambda: one_pass(method), lambda: one_pass(full), clock, repeats)
         used_threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous_threads)

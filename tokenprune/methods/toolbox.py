@@ -102,14 +102,7 @@ def calib_speedups(job: Job, model: nn.Module, policy) -> Callable[[], float]:
     entering the policy's first decision point and stop at its last: the same counts as
     `calib_result`, for a fraction of its work."""
     passes = CountPasses(model, policy, job.loader("calib"), job.device)
-    base_config = job.backbone.config
-
-    def speedup() -> float:
-        counts = passes()
-        ours = flops.canonical_flops(counts.attn_tokens, counts.ffn_tokens, model.config, counts.selector_flops)
-        return flops.speedup(flops.canonical_baseline(counts.lengths, base_config), ours)
-
-    return speedup
+    return lambda: flops.canonical_speedup(passes(), model.config, job.backbone.config)
 
 
 def calib_score(job: Job, model: nn.Module, policy=None) -> float:

@@ -625,9 +625,7 @@ class TrBert(Method):
     def _speedup_with(self, model: nn.Module, policy: TrBertPolicy, tau: float, loader) -> float:
         pol = self._threshold_policy(policy, tau)
         res = run_eval(model, pol, loader, self.job.device, mode="gather", progress=False)
-        base = flops.canonical_baseline(res.lengths, self.job.backbone.config)
-        ours = flops.canonical_flops(res.attn_tokens, res.ffn_tokens, model.config, res.selector_flops)
-        return flops.speedup(base, ours)
+        return flops.canonical_speedup(res, model.config, self.job.backbone.config)
 
     def _calib_logits(self, model: nn.Module, policy: TrBertPolicy) -> list[tuple[Tensor, list[Tensor], Tensor]]:
         """Per calib batch: (idx, each point's logits with nothing dropped, the candidates mask)."""
