@@ -2,6 +2,7 @@
 search needs fewer passes and meets the same contract, the methods' benchmark runs."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -96,12 +97,67 @@ def test_meet_target_interpolates_with_fewer_passes_and_same_contract():
     assert len(calls) < 30  # 60 bisections + 2 bounds before
 
 
+def test_meet_target_with_rtol_stops_inside_the_window_with_fewer_passes():
+    def search(rtol):
+        calls = []
+
+        def speedup(x):  # a fine staircase, as token counts on calib make it
+            calls.append(x)
+            return 1 + int(4000 * x ** 1.5) / 1000
+
+        return (*meet_target(speedup, 2.0, gentle=0.0, extreme=1.0, steps=16, method="m", extreme_means="all",
+                             rtol=rtol), len(calls))
+
+    exact_knob, exact_s, exact_calls = search(0.0)
+    knob, s, calls = search(0.005)
+    assert 2.0 <= s <= 2.0 * 1.005 and knob >= exact_knob and exact_s >= 2.0
+    assert calls <= exact_calls // 2, (calls, exact_calls)
+    wide_knob, wide_s, _ = search(10.0)  # the extreme itself is within a wide window: no search
+    assert (wide_knob, wide_s) == (1.0, 5.0)
+
+
 def test_meet_target_on_steps_keeps_the_gentlest_knob_meeting_target():
     def speedup(x):  # a staircase, as token counts make it
         return 1 + int(10 * x) / 5
 
     knob, s = meet_target(speedup, 2.0, gentle=0.0, extreme=1.0, steps=60, method="m", extreme_means="all")
     assert s >= 2.0 and abs(knob - 0.5) < 1e-9
+
+
+def test_meet_target_from_a_start_brackets_near_it_and_agrees_with_the_full_search():
+    def search(start):
+        calls = []
+
+        def speedup(scale):  # AdapLeR-like: flat near 0, saturating far out
+            calls.append(scale)
+            return 1 + 3 * (1 - math.exp(-scale))
+
+        return (*meet_target(speedup, 2.0, gentle=1e-9, extreme=2000.0, geometric=True, steps=16, method="m",
+                             extreme_means="all", rtol=0.005, start=start), calls)
+
+    knob, s, calls = search(None)
+    for start in (1.0, 0.01, 1000.0):
+        k, s_start, c = search(start)
+        assert 2.0 <= s_start <= 2.01 and abs(math.log(k / knob)) < 0.02
+        assert c[0] == start and 1e-9 not in c  # the bracket came from the start, not the gentle end
+    assert len(search(1.0)[2]) < len(calls)
+    with pytest.raises(ValueError):
+        meet_target(lambda x: x, 2.0, gentle=0.0, extreme=1.0, method="m", extreme_means="all", start=0.5)
+
+
+def test_bench_calibration_runs_on_tiny_and_the_window_saves_passes():
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import bench_calibration
+    finally:
+        sys.path.pop(0)
+    records = bench_calibration.main(["--model", "tiny", "--n", "12", "--batch-size", "4", "--targets", "2",
+                                      "--methods", "trbert", "adapler", "--searches", "ITP+counts", "+window"])
+    by = {(r["method"], r["search"]): r for r in records}
+    for method in ("trbert", "adapler"):
+        exact, window = by[method, "ITP+counts"], by[method, "+window"]
+        assert 2.0 <= exact["calib_speedup"] and 2.0 <= window["calib_speedup"] <= 2.0 * 1.005 + 1e-9
+        assert window["passes"] < exact["passes"]
 
 
 def test_bench_methods_runs_on_tiny(tmp_path):

@@ -21,7 +21,8 @@ Phases (each cached; none depends on the speedup target):
                 (equal speedups: the better score); if none is, the epoch with the best calib score.
 
 Knob: `phi`/`gamma` shape training; the `speedup` target is met after training by one multiplier
-on all η_ℓ, the smallest whose canonical FLOPs speedup on calib meets the target (bisection).
+on all η_ℓ whose canonical FLOPs speedup on calib meets the target, within `calib_rtol` above it
+(an ITP search over count passes that starts at 1, η as learned: `toolbox.meet_target`).
 
 Why two optimisers and not `train.fit`: the two parameter groups are trained on *different* losses
 (the KL must not move η, the length term must not move the CPs or the backbone), each with its own
@@ -540,10 +541,12 @@ class AdapLeR(Method):
             policy.scale = scale
             return speedup()
 
-        # at the extreme scale every CP_0 threshold exceeds any share (δ > 1): only [CLS] goes on
+        # at the extreme scale every CP_0 threshold exceeds any share (δ > 1): only [CLS] goes on.
+        # The search starts at scale 1, the learned η as is: φ was chosen so that it is near the target
         top = (max(self.job.splits["calib"]["length"]) + 1) / max(min(eta), 1e-6)
-        scale, achieved = meet_target(speed, target, gentle=1e-9, extreme=top, geometric=True,
-                                      steps=int(self.cfg.method.max_scale_iters), method="adapler",
+        scale, achieved = meet_target(speed, target, gentle=1e-9, extreme=top, geometric=True, start=1.0,
+                                      steps=int(self.cfg.method.max_scale_iters), rtol=float(self.cfg.calib_rtol),
+                                      method="adapler",
                                       extreme_means="even keeping only [CLS] from layer 0 on")
         policy.scale = scale
         return {"eta": eta, "eta_scale": scale, "calib_speedup": achieved}

@@ -165,6 +165,7 @@ class Gate(Method):
 
         # the gentle end deletes nothing (G > k always); raising the threshold toward 0 deletes more
         self.threshold, achieved = meet_target(speedup, target, gentle=K, extreme=[K / 2, -1e-3], steps=20,
+                                               rtol=float(self.cfg.calib_rtol),
                                                method=self.name, extreme_means="deleting every token the gate scores below 0")
         return {"threshold": self.threshold, "default_threshold": K / 2, "calib_speedup": achieved,
                 "target_ratio": self.info["target_ratio"], "trained_deleted_ratio": self.info["final_deleted_ratio"],

@@ -21,7 +21,8 @@ Changed, and by which rule:
 - λ for the target: each λ of `method.lambdas` trains phase 2 once (cached for all targets); for a
   target, each is scaled to it on calib (below) and the one with the best calib score at the target
   is re-trained in phase 3. A common scale c of the learned thresholds meets the target: θ_ℓ·c, c
-  found by bisection on calib (c = 0: nothing but the 1e-5 floor prunes) after phase 2 (to choose λ)
+  found on calib within `calib_rtol` above the target (`toolbox.meet_target`; c = 0: nothing but the
+  1e-5 floor prunes) after phase 2 (to choose λ)
   and again after phase 3 (the final knob; the record says how far c had to move from 1).
 - The thresholds' learning rate follows the budget. Adam moves a parameter by at most lr per step;
   with warmup and linear decay the total possible movement over S steps is about 0.5·S·lr. The
@@ -174,7 +175,8 @@ class LTP(Method):
             policy.scale = scale
             return passes()
 
-        return meet_target(speedup, target, gentle=0.0, extreme=[2.0, 8.0, 32.0, 128.0], steps=14, method=self.name,
+        return meet_target(speedup, target, gentle=0.0, extreme=[2.0, 8.0, 32.0, 128.0], steps=14,
+                           rtol=float(self.cfg.calib_rtol), method=self.name,
                            extreme_means="thresholds 128 times the learned ones")
 
     def hard_phase(self, soft_model: nn.Module, s: dict, thresholds: Tensor, scale: float, soft_key: dict) -> nn.Module:

@@ -8,7 +8,8 @@
   (never on dev); `calib_speedups`: a knob search's FLOPs speedups on calib, each pass computing only
   what the knob changes.
 - `meet_target`: the knob search that meets a speedup target (an ITP search to bisection's
-  precision, in the knob or its log, or a scan), with the one sentence for a target out of reach.
+  precision or into a window above the target, in the knob or its log, from a start or from the
+  bounds, or a scan), with the one sentence for a target out of reach.
 - `travel`, `travel_scale`, `travel_lr`: the learning-rate rule that makes a learned knob able to move
   as far on this budget as in the paper's recipe (see `travel`).
 - `choose_for_target`: a regulariser weight chosen from a small grid on calib, so that the learned
@@ -138,7 +139,8 @@ def teacher_logits(job: Job, dataset=None) -> dict[int, torch.Tensor]:
 
 def meet_target(speedup_at: Callable[[float], float], target: float, *, gentle: float,
                 extreme: float | Iterable[float], method: str, extreme_means: str, steps: int = 60,
-                geometric: bool = False, scan: Iterable[float] | None = None) -> tuple[float, float]:
+                geometric: bool = False, scan: Iterable[float] | None = None, rtol: float = 0.0,
+                start: float | None = None, start_step: float | None = None) -> tuple[float, float]:
     """(knob, speedup at it): the knob nearest `gentle` (the end that prunes least) whose speedup
     (`speedup_at`, monotone from `gentle` to `extreme`) is at least `target`.
 
@@ -147,7 +149,13 @@ def meet_target(speedup_at: Callable[[float], float], target: float, *, gentle: 
     bisections (geometric: in log knob), reached by an ITP search (Oliveira & Takahashi 2021:
     interpolation, truncated and projected so that it never needs more than one pass beyond bisection,
     and far fewer where the speedup is smooth); or, with `scan`, the first value of `scan` that meets
-    the target. A knob is evaluated once (identical knobs, identical passes). A target even the
+    the target. `rtol` > 0 stops the search as soon as a knob's speedup lies in [target, target·(1 + rtol)]:
+    the searches whose every evaluation is a pass over calib take it, since the last passes to
+    bisection's precision only move the speedup in its third decimal. `start`: a knob expected near the
+    answer (a learned operating point); the bracket is found from it by an exponential search (steps
+    of a factor 2, 4, 16, ... when geometric, else of `start_step`, 2·`start_step`, 4·...), so a
+    learned point near the target costs a few passes, not a search over the whole range from `gentle`
+    to `extreme`. A knob is evaluated once (identical knobs, identical passes). A target even the
     extreme cannot meet is one sentence (`extreme_means` says what the extreme keeps)."""
     seen: dict[float, float] = {}
 
@@ -156,10 +164,28 @@ def meet_target(speedup_at: Callable[[float], float], target: float, *, gentle: 
             seen[knob] = speedup_at(knob)
         return seen[knob]
 
+    extremes = [extreme] if isinstance(extreme, (int, float)) else list(extreme)
+    if start is not None:
+        if scan is not None or (start_step is None) != geometric:
+            raise ValueError("meet_target: a start is for a search without scan, with start_step exactly when not geometric")
+        # in u (the knob, or its log) with the speedup growing with u: walk from the start to a bracket
+        # inside (gentle, first extreme)
+        extreme = extremes[0]
+        sign = 1.0 if extreme > gentle else -1.0
+        to_u = (lambda k: sign * math.log(k)) if geometric else (lambda k: sign * k)
+        u0 = to_u(start)
+        to_k = lambda u: start if u == u0 else (math.exp(sign * u) if geometric else sign * u)  # the start exactly
+        f = lambda u: at(to_k(u))
+        bracket = _walk_from(f, target, u0, math.log(2.0) if geometric else float(start_step),
+                             *sorted((to_u(gentle), to_u(extreme))))
+        if bracket is not None:
+            lo, hi = bracket
+            u, s_hi = _itp(f, target, lo, hi, f(lo), f(hi), steps, rtol)
+            return to_k(u), s_hi
     achieved = at(gentle)
     if achieved >= target:
         return gentle, achieved
-    for hi in [extreme] if isinstance(extreme, (int, float)) else extreme:
+    for hi in extremes:
         best = at(hi)
         if best >= target:
             break
@@ -176,27 +202,47 @@ def meet_target(speedup_at: Callable[[float], float], target: float, *, gentle: 
     if not math.isfinite(hi):  # nothing to bisect towards: the extreme itself
         return hi, best
     if geometric:
-        x, s_hi = _itp(lambda u: at(math.exp(u)), target, math.log(gentle), math.log(hi), achieved, best, steps)
+        x, s_hi = _itp(lambda u: at(math.exp(u)), target, math.log(gentle), math.log(hi), achieved, best, steps, rtol)
         return math.exp(x), s_hi
-    return _itp(at, target, gentle, hi, achieved, best, steps)
+    return _itp(at, target, gentle, hi, achieved, best, steps, rtol)
+
+
+def _walk_from(at: Callable[[float], float], target: float, start: float, step: float, low: float, high: float
+               ) -> tuple[float, float] | None:
+    """(below, meets): two points that bracket the target, found from `start` by steps of `step`,
+    2·step, 4·step, ... toward the side the target lies on (an exponential search; `at` grows with
+    the point); None when the steps leave (low, high) first (the caller's bounds then decide)."""
+    if not low < start < high:
+        return None
+    meets = at(start) >= target
+    u = start
+    while True:
+        nxt = u - step if meets else u + step
+        if not low < nxt < high:
+            return None
+        if (at(nxt) >= target) != meets:
+            return (nxt, u) if meets else (u, nxt)
+        u, step = nxt, 2 * step
 
 
 def _itp(f: Callable[[float], float], target: float, lo: float, hi: float, f_lo: float, f_hi: float,
-         steps: int) -> tuple[float, float]:
+         steps: int, rtol: float = 0.0) -> tuple[float, float]:
     """ITP between lo (f < target) and hi (f ≥ target), lo and hi in either order, to the bracket
-    width |hi − lo|/2^steps; returns (the bracket's end that meets the target, f there)."""
+    width |hi − lo|/2^steps, or until f at hi is within `rtol` of the target; returns (the bracket's
+    end that meets the target, f there)."""
     width = abs(hi - lo)
     eps = width / 2 ** (steps + 1)  # the bracket ends at most 2·eps wide: bisection's precision
     if eps == 0 or not width > 2 * eps:
         return hi, f_hi
     n_max = math.ceil(math.log2(width / (2 * eps))) + 1  # n_{1/2} + n_0, n_0 = 1
     k1, k2 = 0.2 / width, 2.0
+    aim = target * (1 + rtol / 2)  # interpolate toward the middle of the window that stops the search
     for j in range(n_max):
         w = abs(hi - lo)
-        if not w > 2 * eps:
+        if not w > 2 * eps or (rtol > 0 and f_hi <= target * (1 + rtol)):
             break
         mid = (lo + hi) / 2
-        g_lo, g_hi = f_lo - target, f_hi - target  # g_lo < 0 <= g_hi
+        g_lo, g_hi = f_lo - aim, f_hi - aim  # g_lo < 0 <= g_hi
         x_f = (lo * g_hi - hi * g_lo) / (g_hi - g_lo) if g_hi != g_lo else mid  # regula falsi
         sigma = math.copysign(1.0, mid - x_f)
         delta = k1 * w ** k2

@@ -32,7 +32,8 @@ Training (each phase cached on the backbone's key and its own parameters):
         drops more), alpha itself with calibrate=false.
 
 Then (calibrate=true) the threshold is calibrated on calib, in gather mode with the eval batching: the
-smallest threshold whose canonical FLOPs speedup is at least the target (bisection on the logit).
+threshold whose canonical FLOPs speedup meets the target, within `calib_rtol` above it (an ITP search
+on the logit over count passes: `toolbox.meet_target`).
 
 Choices and deviations from the original, on purpose:
   * Rollouts run in `mask` mode (hard masks: for the kept tokens the same as a gather, and a fixed
@@ -642,10 +643,12 @@ class TrBert(Method):
                             [r["cand"].cpu() for r in pol.records]))
         return out
 
-    def _fit_threshold(self, model: nn.Module, policy: TrBertPolicy, target: float) -> tuple[float, float]:
-        """(τ, calib speedup): the smallest threshold logit whose canonical FLOPs speedup on calib, in
-        gather mode with the eval batching, meets the target (`meet_target` on the logit, passes that
-        compute only the layers a threshold changes: `calib_speedups`)."""
+    def _fit_threshold(self, model: nn.Module, policy: TrBertPolicy, target: float,
+                       start: float | None = None) -> tuple[float, float]:
+        """(τ, calib speedup): a threshold logit whose canonical FLOPs speedup on calib, in gather mode
+        with the eval batching, meets the target within calib_rtol (`meet_target` on the logit, passes
+        that compute only the layers a threshold changes: `calib_speedups`); from `start` (the τ₀
+        phase E trained at) when given, else over the unpruned logits' range."""
         m = self.cfg.method
         lo, hi = math.inf, -math.inf
         for _, logits, cands in self._calib_logits(model, policy):  # the unpruned logits bound the search
@@ -671,7 +674,9 @@ class TrBert(Method):
             pol.tau = tau
             return speedup()
 
+        walk = {} if start is None or not math.isfinite(start) else {"start": start, "start_step": (hi - lo) / 32}
         return meet_target(speedup_at, target, gentle=lo, extreme=extremes(), steps=int(m.calib_iters),
+                           rtol=float(self.job.cfg.calib_rtol), **walk,
                            method="trbert", extreme_means="even keeping only [CLS] after layer 0")
 
     def choose_knob(self, target: float) -> dict:
@@ -680,7 +685,8 @@ class TrBert(Method):
             self.tau = math.log(float(m.threshold) / (1 - float(m.threshold)))
             knob = {"threshold": float(m.threshold), "alpha_joint": self.alpha_joint(target), "knob": "alpha"}
         else:
-            self.tau, s_hi = self._fit_threshold(self._model, self._policy, target)
+            self.tau, s_hi = self._fit_threshold(self._model, self._policy, target,
+                                                 start=self.tau0 if m.joint else None)
             threshold = 1.0 if self.tau == math.inf else 1 / (1 + math.exp(-self.tau))
             knob = {"threshold": threshold, "threshold_logit": self.tau, "calib_speedup": s_hi,
                     "alpha_joint": getattr(self, "alpha_e", self.alpha_joint(target)), "knob": "speedup",
