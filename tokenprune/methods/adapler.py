@@ -535,7 +535,7 @@ class AdapLeR(Method):
             policy.scale = 1.0
             return {"eta": eta, "eta_scale": 1.0, "calib_speedup": self._calib_point(model, policy)[1]}
 
-        speedup = calib_speedups(self.job, model, policy)
+        speedup = calib_speedups(self.job, model, policy, "eta scale")
 
         def speed(scale: float) -> float:
             policy.scale = scale

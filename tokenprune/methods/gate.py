@@ -166,7 +166,7 @@ class Gate(Method):
 
     def choose_knob(self, target: float) -> dict:
         policy = self._policy(K)
-        passes = calib_speedups(self.job, self._model, policy)
+        passes = calib_speedups(self.job, self._model, policy, "threshold")
 
         def speedup(threshold: float) -> float:
             policy.threshold = threshold

@@ -169,7 +169,7 @@ class LTP(Method):
 
     def calibrate_scale(self, model: nn.Module, s: dict, thresholds: Tensor, target: float) -> tuple[float, float]:
         policy = self.hard_policy(s, thresholds, 1.0)
-        passes = calib_speedups(self.job, model, policy)
+        passes = calib_speedups(self.job, model, policy, "threshold scale")
 
         def speedup(scale: float) -> float:
             policy.scale = scale

@@ -97,13 +97,25 @@ def calib_result(job: Job, model: nn.Module, policy=None) -> EvalResult:
     return run_eval(model, policy, job.loader("calib"), job.device, mode="gather", progress=False)
 
 
-def calib_speedups(job: Job, model: nn.Module, policy) -> Callable[[], float]:
+def calib_speedups(job: Job, model: nn.Module, policy, name: str = "knob") -> Callable[[], float]:
     """The canonical FLOPs speedup on calib of `model` with `policy` as the policy is at each call, for a
     search that sets the policy's knob between calls. The passes (`CountPasses`) reuse the states
     entering the policy's first decision point and stop at its last: the same counts as
-    `calib_result`, for a fraction of its work."""
+    `calib_result`, for a fraction of its work. What the search cost goes to the record
+    (`method_info.calibration_searches`: its name, passes and seconds, the first states included)."""
+    start = time.perf_counter()
     passes = CountPasses(model, policy, job.loader("calib"), job.device)
-    return lambda: flops.canonical_speedup(passes(), model.config, job.backbone.config)
+    search = {"name": name, "passes": 0, "seconds": round(time.perf_counter() - start, 2)}
+    job.info.setdefault("calibration_searches", []).append(search)
+
+    def speedup() -> float:
+        t = time.perf_counter()
+        s = flops.canonical_speedup(passes(), model.config, job.backbone.config)
+        search["passes"] += 1
+        search["seconds"] = round(search["seconds"] + time.perf_counter() - t, 2)
+        return s
+
+    return speedup
 
 
 def calib_score(job: Job, model: nn.Module, policy=None) -> float:

@@ -668,7 +668,7 @@ class TrBert(Method):
             yield math.inf
 
         pol = self._threshold_policy(policy, lo)
-        speedup = calib_speedups(self.job, model, pol)
+        speedup = calib_speedups(self.job, model, pol, "threshold" if start is None else "threshold from tau0")
 
         def speedup_at(tau: float) -> float:
             pol.tau = tau
