@@ -158,3 +158,24 @@ def test_a_split_left_empty_gets_one_sentence(tmp_path):
     record = run_job(job_config(tmp_path, "task=wnli", f"data.root={tmp_path / 'data'}"), tmp_path / "job")
     assert record["status"] == "failed" and "dev split of task wnli is empty" in record["error"]
     assert record["traceback"] is None
+
+
+def test_two_uncommitted_states_of_one_commit_have_different_code_versions(tmp_path):
+    from tokenprune.provenance import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "method.py").write_text("keep = 0.5\n")
+    git("add", "method.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    clean = git_commit(tmp_path)
+    (tmp_path / "method.py").write_text("keep = 0.4\n")
+    first = git_commit(tmp_path)
+    (tmp_path / "method.py").write_text("keep = 0.3\n")
+    second = git_commit(tmp_path)
+    assert len(clean) == 40 and first.startswith(clean + "-dirty-") and second.startswith(clean + "-dirty-")
+    assert first != second  # the record index keys on this: one state's records never serve the other
+    (tmp_path / "method.py").write_text("keep = 0.4\n")
+    assert git_commit(tmp_path) == first

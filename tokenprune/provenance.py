@@ -4,6 +4,7 @@ count, the time. Records and cache entries both carry it; nothing here depends o
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -24,15 +25,23 @@ DETERMINISM = {
 }
 
 
-def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
+def git_commit(here: Path | None = None) -> str | None:
+    """The commit of the code (of `here`, by default this package's checkout); with uncommitted changes,
+    `<sha>-dirty-<hash of the diff>`; None outside a git checkout."""
+    here = here or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
             return None
         dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha.stdout.strip() + ("-dirty" if dirty else "")
+        if not dirty:
+            return sha.stdout.strip()
+        # uncommitted changes: name them by a hash of the diff, so that records of two different
+        # uncommitted states of one commit are never taken for each other (the record index keys on this)
+        diff = subprocess.run(["git", "--no-optional-locks", "diff", "HEAD"], cwd=here, capture_output=True,
+                              timeout=10).stdout
+        return f"{sha.stdout.strip()}-dirty-{hashlib.sha256(diff).hexdigest()[:12]}"
     except (OSError, subprocess.SubprocessError):
         return None
 
