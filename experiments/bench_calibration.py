@@ -56,14 +56,6 @@ def bisection(speedup_at, target, *, gentle, extreme, steps, geometric=False, **
     return hi, s_hi
 
 
-def spread(policy: torch.nn.Module) -> None:
-    """Selector weights at std 1/sqrt(fan-in), biases 0: scores that differ across tokens."""
-    for layer in policy.modules():
-        if isinstance(layer, torch.nn.Linear):
-            torch.nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
-            torch.nn.init.zeros_(layer.bias)
-
-
 SEARCHES = {  # name: (search, count passes, window)
     "bisection": (bisection, False, False), "ITP": (meet_target, False, False),
     "ITP+counts": (meet_target, True, False), "+window": (meet_target, True, True)}
@@ -106,7 +98,7 @@ def main(argv=None) -> list[dict]:
                 if window:
                     bounds["rtol"] = args.rtol
                 if args.spread:
-                    spread(policy)
+                    bm.spread(policy)
                 passes = []
                 start = time.perf_counter()
                 counted = CountPasses(model, policy, batches, "cpu") if counts else None

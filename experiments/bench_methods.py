@@ -247,6 +247,15 @@ def ltp_variant(ctx: Context, target: float) -> Variant:
     return Variant(ctx.model, policy, {"threshold_scale": round(scale, 4)})
 
 
+def spread(policy: torch.nn.Module) -> None:
+    """Selector weights at std 1/sqrt(fan-in), biases 0: scores that differ across tokens, as trained
+    ones do (an untrained selector scores every token nearly alike)."""
+    for layer in policy.modules():
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
+            torch.nn.init.zeros_(layer.bias)
+
+
 def gate_variant(ctx: Context, target: float) -> Variant:
     """The single delete gate after layer 0 (one gather per forward), seeded random weights (an untrained
     gate scores every token alike), its threshold searched. MrT5's gate is G = k·sigmoid(·) in (k, 0),
@@ -255,8 +264,7 @@ def gate_variant(ctx: Context, target: float) -> Variant:
 
     torch.manual_seed(ctx.seed)
     gate = DeleteGate(ctx.config.hidden_size, after_layer=0, hard=True)
-    torch.nn.init.normal_(gate.linear.weight, std=ctx.config.hidden_size ** -0.5)  # logits ~ N(0, 1): gates spread over (k, 0)
-    torch.nn.init.zeros_(gate.linear.bias)
+    spread(gate)  # logits ~ N(0, 1): gates spread over (k, 0)
     gate.eval()
     threshold = set_by_search(ctx, gate, "threshold", target, gentle=K, extreme=[K / 2, -1e-3], method="gate",
                               extreme_means="deleting every token after layer 0")
