@@ -59,21 +59,6 @@ def test_walk_to_target_brackets_and_refines():
     assert walk_to_target(1.0, own, 2.0, tries=0)[0] == 1.0
 
 
-def test_walk_to_target_stops_where_the_weight_no_longer_moves_the_operating_point():
-    # the own speedup saturates below the target (the optimiser's travel, not the weight, bounds it)
-    table = {1e-4: 1.79, 1e-3: 2.10, 1e-2: 2.19, 1e-1: 2.20, 1.0: 2.20}
-    calls = []
-    own = lambda w: calls.append(w) or table[min(table, key=lambda v: abs(math.log(v / w)))]  # noqa: E731
-    value, grid = walk_to_target(1e-4, own, 3.0, factor=10, tries=4)
-    assert calls == [1e-4, pytest.approx(1e-3), pytest.approx(1e-2)]  # 1e-3 -> 1e-2 bought 4%: no further
-    assert value == pytest.approx(1e-3)  # the last weight that still moved it, not the flattened one
-    assert grid[-1] == {"value": pytest.approx(1e-2), "own_speedup": 2.19, "saturated": True}
-    assert not any(g.get("saturated") for g in grid[:-1])
-    # flat steps before the weight begins to act are walked through (1.001 -> 1.01 -> 1.1 -> 2.0)
-    value, grid = walk_to_target(1e-4, lambda w: 1 + 10 * w, 2.0, factor=10, tries=3, refine=False)
-    assert value == pytest.approx(0.1) and not any(g.get("saturated") for g in grid)
-
-
 def test_learning_record_warns_at_a_bound_and_goes_in_a_record(caplog, tmp_path):
     with caplog.at_level(logging.WARNING):
         block = learning_record("adapler", {"eta": {"initial": 0.25, "final": [0.3, 1.0, 0.01], "bounds": (0.01, 1.0)}},

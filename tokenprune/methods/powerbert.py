@@ -51,12 +51,8 @@ What is kept from the paper, and what is scaled to the budget (issue 19):
            cached, then the geometric midpoint of the bracket); the λ whose own speedup is nearest the
            target is kept (toolbox.walk_to_target; calib, never dev). Adam moves every retention
            parameter at about its lr whatever λ's size once λ·j outweighs the task gradient, so λ only
-           shapes the schedule near the task gradient's scale, which the budget and model decide;
-           beyond it every layer falls to the same floor (1 − the travel) and the schedule flattens.
-           A step of the walk that moves the own speedup by less than 5% after one that moved it ends
-           the walk at the λ before (toolbox.SATURATION; the grid marks the saturated λ).
-           Calibration then scales that configuration by a multiplier (near 1 where the walk reached
-           the target; below 1 where the travel's floor stopped it), recorded in the
+           shapes the schedule near the task gradient's scale, which the budget and model decide.
+           Calibration then scales that configuration by a multiplier near 1, recorded in the
            `learning` block with the learned per-layer schedule and its own speedup.
 """
 

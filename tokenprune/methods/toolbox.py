@@ -12,9 +12,8 @@
   bounds, or a scan), with the one sentence for a target out of reach.
 - `travel`, `travel_scale`, `travel_lr`: the learning-rate rule that makes a learned knob able to move
   as far on this budget as in the paper's recipe (see `travel`).
-- `choose_for_target`, `walk_to_target`: a regulariser weight chosen on calib (from a small grid, or by
-  a walk from the paper's value that stops where the weight no longer moves the operating point), so
-  that the learned operating point is near the target before calibration corrects it.
+- `choose_for_target`: a regulariser weight chosen from a small grid on calib, so that the learned
+  operating point is near the target before calibration corrects it.
 - `rank_correlation`, `learning_record`: the `learning` block of a learned method's record.
 """
 
@@ -308,26 +307,13 @@ def choose_for_target(values: Iterable[float], own_speedup: Callable[[float], fl
     return best["value"], grid
 
 
-SATURATION = 0.05  # a step of the walk that changes the own speedup by less than this (relative) is saturated
-
-
 def walk_to_target(start: float, own_speedup: Callable[[float], float], target: float, *, factor: float = 10.0,
                    tries: int = 4, refine: bool = True) -> tuple[float, list[dict]]:
     """(value, grid): a regulariser weight for the target, from `start` (the paper's). The learned
     operating point's own speedup grows with the weight, so: evaluate `start`; while its own speedup is
     on the same side of the target, divide (above it) or multiply (below it) by `factor`, at most
     `tries` more values; once the target is bracketed, `refine` tries the geometric midpoint. The value
-    whose own speedup is nearest the target in ratio is kept (`choose_for_target`). tries=0: `start`.
-
-    Saturation. Adam moves a parameter by about its learning rate per step whatever the loss's scale,
-    so once the regulariser outweighs the task's gradient a larger weight moves every learned knob at
-    the same rate: the operating point stops following the weight (the optimiser's travel bounds it)
-    and the learned shape flattens (PoWER-BERT on SST-2 at 3x: λ 2e-3 → 2e-2 moved its own speedup
-    from 2.10x to 2.19x and its schedule from decreasing to flat). After a step that moved the own
-    speedup, a step that changes it by less than SATURATION (relative) ends the walk, and the value it
-    reached is not kept: its grid entry says `saturated`, and the rest of the way to the target is
-    calibration's. (Flat steps before any step moved it are walked through: a weight still below the
-    task gradient's scale has not begun to act.)"""
+    whose own speedup is nearest the target in ratio is kept (`choose_for_target`). tries=0: `start`."""
     seen: dict[float, float] = {}
 
     def at(v: float) -> float:
@@ -337,25 +323,17 @@ def walk_to_target(start: float, own_speedup: Callable[[float], float], target: 
 
     value, s = float(start), at(float(start))
     above = s > target
-    bracket, saturated, moved = None, None, False
+    bracket = None
     for _ in range(int(tries)):
         nxt = value / factor if above else value * factor
         s_next = at(nxt)
         if (s_next > target) != above:
             bracket = (value, nxt)
             break
-        step_moved = abs(math.log(max(s_next, 1e-9) / max(s, 1e-9))) >= math.log1p(SATURATION)
-        if moved and not step_moved:
-            saturated = nxt
-            break
-        moved = moved or step_moved
-        value, s = nxt, s_next
+        value = nxt
     if bracket is not None and refine:
         at(math.sqrt(bracket[0] * bracket[1]))
-    value, grid = choose_for_target([v for v in seen if v != saturated], lambda v: seen[v], target)
-    if saturated is not None:
-        grid.append({"value": saturated, "own_speedup": round(seen[saturated], 4), "saturated": True})
-    return value, grid
+    return choose_for_target(list(seen), lambda v: seen[v], target)
 
 
 def walk_settings(method_cfg, knob: str, start_means: str) -> tuple[int, float]:
@@ -441,4 +419,4 @@ def learning_record(method: str, knobs: dict[str, dict], *, target: float, own_s
 
 
 __all__ = ["Phases", "load_model", "calib_result", "calib_speedups", "calib_score", "teacher_logits", "examples_id", "meet_target",
-           "travel", "travel_scale", "travel_lr", "choose_for_target", "SATURATION", "walk_to_target", "rank_correlation", "learning_record"]
+           "travel", "travel_scale", "travel_lr", "choose_for_target", "walk_to_target", "rank_correlation", "learning_record"]
