@@ -19,9 +19,9 @@ share the N − 1 bins 1..N−1 in significance order: the token of rank k (1 �
 bin is covered by exactly one token of every example, whatever its length, so every r_j[k] stands
 for the same fraction of the sequence and receives the task's gradient from every example. (Reading
 one bin per token, ⌊k·N/n⌋, left the bins no short example reaches to the L1 term alone: on SST-2,
-25 tokens on 64 bins, they fell to 0 at every layer and the read-out was the same ~0.33 at every
-depth whatever was learned.) The read-out is the paper's, ℓ_j = max(1, int(Σ_k r_j[k])), made
-non-increasing, and the fraction is f_j = ℓ_j / N. An example of n real tokens then keeps
+about 25 tokens on 64 bins. Measured on SST-2 `quick`, seed 1, the change moved accuracy from 78.67
+to 77.87 at 2x and 72.82 to 72.94 at 3x, with alike schedules.) The read-out is the paper's,
+ℓ_j = max(1, int(Σ_k r_j[k])), made non-increasing, and the fraction is f_j = ℓ_j / N. An example of n real tokens then keeps
 round(f_j·n) tokens (at least 1, [CLS] always) after layer j's attention (`topk.kept_count`). r_j[0],
 [CLS]'s bin, is held at 1: [CLS] is always kept, so it is no retention decision (the encoder leaves
 [CLS] unscaled anyway).
@@ -52,8 +52,13 @@ What is kept from the paper, and what is scaled to the budget (issue 19):
            target is kept (toolbox.walk_to_target; calib, never dev). Adam moves every retention
            parameter at about its lr whatever λ's size once λ·j outweighs the task gradient, so λ only
            shapes the schedule near the task gradient's scale, which the budget and model decide.
-           Calibration then scales that configuration by a multiplier near 1, recorded in the
-           `learning` block with the learned per-layer schedule and its own speedup.
+           Above that scale every layer's parameters fall at the same rate and the schedule is flat
+           (SST-2 `quick`, seed 1, own speedup and learned fractions by layer: λ 2e-4 1.79x, 0.88 →
+           0.31; 2e-3 2.09x, 0.56 → 0.41; 2e-2 2.19x, flat 0.42; 6.3e-2 2.82x, flat 0.31; 2e-1 3.57x,
+           flat 0.23). So a λ that reaches 3x on SST-2 by itself learns a flat schedule: at the paper's
+           travel a depth-decreasing one stops near 2x. Calibration then scales the chosen
+           configuration by a multiplier (0.93 at 3x and 1.04 at 2x there), recorded in the `learning`
+           block with the learned per-layer schedule and its own speedup.
 """
 
 from __future__ import annotations
