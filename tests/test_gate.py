@@ -55,5 +55,10 @@ def test_gate_meets_a_smoke_target(tmp_path):
     assert record["flops_speedup"] == pytest.approx(1.5, rel=0.10)
     knob = record["method_info"]["knob"]
     assert 0 < knob["target_ratio"] < 1 and -30 <= knob["threshold"] < 0
+    # what training did is in the record: the soft ratio mean(G)/k is a share, and the trace follows the steps
+    trace = knob["training_trace"]
+    assert 0 < knob["trained_soft_ratio"] < 1 and trace["step"][0] == 0 and trace["step"] == sorted(trace["step"])
+    assert len(trace["alpha"]) == len(trace["deleted_ratio"]) == len(trace["soft_ratio"]) == len(trace["step"])
+    assert trace["soft_ratio"][0] == pytest.approx(float(torch.sigmoid(torch.tensor(-4.0))), abs=1e-3)  # the bias's start
     tokens = record["tokens_per_layer"]["attention"]
     assert tokens[1] < tokens[0] and tokens[1] == pytest.approx(tokens[-1])
