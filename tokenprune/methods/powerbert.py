@@ -21,10 +21,10 @@ for the same fraction of the sequence and receives the task's gradient from ever
 one bin per token, ⌊k·N/n⌋, left the bins no short example reaches to the L1 term alone: on SST-2,
 about 25 tokens on 64 bins. Measured on SST-2 `quick`, seed 1, the change moved accuracy from 78.67
 to 77.87 at 2x and 72.82 to 72.94 at 3x, with alike schedules.) The read-out is the paper's,
-ℓ_j = max(1, int(Σ_k r_j[k])), made non-increasing, and the fraction is f_j = ℓ_j / N. An example of n real tokens then keeps
-round(f_j·n) tokens (at least 1, [CLS] always) after layer j's attention (`topk.kept_count`). r_j[0],
-[CLS]'s bin, is held at 1: [CLS] is always kept, so it is no retention decision (the encoder leaves
-[CLS] unscaled anyway).
+ℓ_j = max(1, int(Σ_k r_j[k])), made non-increasing, and the fraction is f_j = ℓ_j / N. An example of
+n real tokens then keeps round(f_j·n) tokens (at least 1, [CLS] always) after layer j's attention
+(`topk.kept_count`). r_j[0], [CLS]'s bin, is held at 1: [CLS] is always kept, so it is no retention
+decision (the encoder leaves [CLS] unscaled anyway).
 
 The knob. `method.lambda` (null: the paper's per-task value) sets the learned configuration. By
 default (`method.calibrate: true`) its shape is kept and scaled to the speedup target: f_j(s)
