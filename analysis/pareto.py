@@ -106,7 +106,19 @@ class Selection:
         line = f"{total} records ({status})"
         if self.left_out:
             line += "; left out: " + ", ".join(f"{n} {why}" for why, n in self.left_out.items())
-        return line + f"; {len(self.ok)} used."
+        line += f"; {len(self.ok)} used."
+        versions = code_versions(self.ok)
+        return line + (f" {versions}" if versions else "")
+
+
+def code_versions(ok: pd.DataFrame) -> str | None:
+    """One sentence naming the code versions (`git_commit`) of the used records when there are several,
+    with how many records each; None when they share one. A table across versions compares code too."""
+    if "git_commit" not in ok or ok["git_commit"].dropna().nunique() < 2:
+        return None
+    short = ok["git_commit"].dropna().map(lambda c: c[:7] + c[40:] if len(c) > 40 else c[:7])
+    counts = ", ".join(f"{v} ({n})" for v, n in short.value_counts().sort_index().items())
+    return f"The records come from {short.nunique()} code versions: {counts}."
 
 
 def select(df: pd.DataFrame) -> Selection:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.pareto import FULL_MODEL, format_at, pareto_front, speedup_at_drop, to_markdown, usable
+from analysis.pareto import FULL_MODEL, code_versions, format_at, pareto_front, speedup_at_drop, to_markdown, usable
 from tokenprune import results
 from tokenprune.data.metrics import PRIMARY, compute_metrics
 
@@ -290,10 +290,11 @@ def write_verdict_tables(ok: pd.DataFrame, out: Path, against: str | None = "top
                          n_resamples: int = N_RESAMPLES, echo: bool = False) -> list[Path]:
     """`uncertainty_<name>.md` and `.csv` in `out` for each of `verdict_tables`; the paths written."""
     written = []
+    versions = code_versions(ok)
     for name, (table, note, frame) in verdict_tables(ok, against, max_drop, n_resamples).items():
         if table.empty:
             continue
-        text = to_markdown(table, note)
+        text = to_markdown(table, f"{note} {versions}" if versions else note)
         if echo:
             print("\n" + text)
         if out is not None:

@@ -137,6 +137,18 @@ def test_select_skips_records_that_are_not_ok_and_superseded_reruns():
     assert selection.ok["metric"].tolist() == [81.0]  # the later run wins
     assert selection.left_out == {"failed": 1, "skipped": 1, "superseded re-runs": 1}
     assert "4 records" in selection.message() and "1 used" in selection.message()
+    assert "code versions" not in selection.message()  # one version (here: none recorded): nothing to say
+
+
+def test_records_of_several_code_versions_are_named_in_the_message():
+    sha = lambda c: c * 40  # noqa: E731
+    rows = [dict(task="sst2", method=m, seed=1, speedup_target=t, metric=80.0, git_commit=c)
+            for m, t, c in [("bert", 1.0, sha("a")), ("topk", 2.0, sha("a")), ("trbert", 2.0, sha("b"))]]
+    rows.append(dict(task="sst2", method="random", seed=1, speedup_target=2.0, metric=79.0,
+                     git_commit=sha("b") + "-dirty-0123456789ab"))
+    selection = P.select(records(*rows))
+    assert "3 code versions: aaaaaaa (2), bbbbbbb (1), bbbbbbb-dirty-0123456789ab (1)." in selection.message()
+    assert P.code_versions(selection.ok[selection.ok["method"].isin(["bert", "topk"])]) is None
 
 
 def test_the_wallclock_axis_leaves_out_records_without_timing():

@@ -120,6 +120,16 @@ def test_the_command_prints_intervals_and_paired_differences(two_methods, tmp_pa
     assert (tmp_path / "out" / "uncertainty_cells.md").is_file() and (tmp_path / "out" / "uncertainty_differences.csv").is_file()
 
 
+def test_tables_name_the_code_versions_when_the_records_mix_them(two_methods, tmp_path):
+    from analysis.uncertainty import write_verdict_tables
+
+    ok = pareto.usable(two_methods).ok
+    assert pareto.code_versions(ok) is None
+    mixed = ok.assign(git_commit=np.where(ok["method"] == "a", "a" * 40, "b" * 40))
+    written = [p for p in write_verdict_tables(mixed, tmp_path / "out", against="b", n_resamples=50) if p.suffix == ".md"]
+    assert written and all("2 code versions: aaaaaaa (3), bbbbbbb (3)." in p.read_text() for p in written)
+
+
 def test_figures_draw_the_bootstrap_interval_and_say_so(two_methods, tmp_path):
     """A Pareto panel's error bars are the cell's 95% interval (not ±1 std) when the records keep their
     examples, each frontier of several points gets a band, the caption says which spread is drawn, and
