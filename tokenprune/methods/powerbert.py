@@ -19,8 +19,9 @@ share the N − 1 bins 1..N−1 in significance order: the token of rank k (1 �
 bin is covered by exactly one token of every example, whatever its length, so every r_j[k] stands
 for the same fraction of the sequence and receives the task's gradient from every example. (Reading
 one bin per token, ⌊k·N/n⌋, left the bins no short example reaches to the L1 term alone: on SST-2,
-about 25 tokens on 64 bins. Measured on SST-2 `quick`: at 2x seed 1 78.67 → 77.87, seed 2 79.01 →
-75.80 (the λ walk kept 2e-3 instead of 6.3e-4: a flatter schedule); at 3x seed 1 72.82 → 72.94.) The read-out is the paper's,
+about 25 tokens on 64 bins. Measured on SST-2 `quick` at 2x, seeds 1/2/3: 78.67/79.01/79.47 →
+77.87/75.80/79.01, the λ walk keeping 2e-3 instead of 6.3e-4 on seeds 2 and 3 (flatter schedules);
+at 3x, seed 1: 72.82 → 72.94.) The read-out is the paper's,
 ℓ_j = max(1, int(Σ_k r_j[k])), made non-increasing, and the fraction is f_j = ℓ_j / N. An example of
 n real tokens then keeps round(f_j·n) tokens (at least 1, [CLS] always) after layer j's attention
 (`topk.kept_count`). r_j[0], [CLS]'s bin, is held at 1: [CLS] is always kept, so it is no retention
