@@ -13,19 +13,18 @@
 Real lengths, not padded positions. The paper's configuration counts positions of the sequence
 padded to max_length N, so its first eliminations remove padding. Here padding is never counted
 (FLOPs are over real tokens): the configuration is a keep *fraction* per layer of each example's
-real length n. In phase 2 bin 0 is [CLS]'s, and the n − 1 other real tokens of an n-token example
-share the N − 1 bins 1..N−1 in significance order: the token of rank k (1 ≤ k < n) covers the bins
-[1 + ⌊(k−1)·(N−1)/(n−1)⌋, 1 + ⌊k·(N−1)/(n−1)⌋) and is multiplied by the mean of r_j over them. Every
-bin is covered by exactly one token of every example, whatever its length, so every r_j[k] stands
-for the same fraction of the sequence and receives the task's gradient from every example. (Reading
-one bin per token, ⌊k·N/n⌋, left the bins no short example reaches to the L1 term alone: on SST-2,
-about 25 tokens on 64 bins. Measured on SST-2 `quick` at 2x, seeds 1/2/3: 78.67/79.01/79.47 →
-77.87/75.80/79.01, the λ walk keeping 2e-3 instead of 6.3e-4 on seeds 2 and 3 (flatter schedules);
-at 3x, seed 1: 72.82 → 72.94.) The read-out is the paper's,
-ℓ_j = max(1, int(Σ_k r_j[k])), made non-increasing, and the fraction is f_j = ℓ_j / N. An example of
-n real tokens then keeps round(f_j·n) tokens (at least 1, [CLS] always) after layer j's attention
-(`topk.kept_count`). r_j[0], [CLS]'s bin, is held at 1: [CLS] is always kept, so it is no retention
-decision (the encoder leaves [CLS] unscaled anyway).
+real length n. In phase 2 the rank k of a real token (k = 0 is [CLS]) of an n-token example uses the
+parameter of rank bin floor(k·N/n), i.e. its relative rank k/n on a grid of N = max_length bins, so
+every r_j[k] stands for the same fraction of the sequence whatever the length. The read-out is the
+paper's, ℓ_j = max(1, int(Σ_k r_j[k])), made non-increasing, and the fraction is f_j = ℓ_j / N. An
+example of n real tokens then keeps round(f_j·n) tokens (at least 1, [CLS] always) after layer j's
+attention (`topk.kept_count`). r_j[0], [CLS]'s bin, is held at 1: [CLS] is always kept, so it is no
+retention decision (the encoder leaves [CLS] unscaled anyway).
+
+Tried and not kept: each non-[CLS] token covering a span of the bins 1..N−1 (scaled by the mean of r
+over it), so that every bin learns from every example. On SST-2 `quick` at 2x, seeds 1/2/3, at the
+same λ the walk kept, it gave flatter schedules (spread 0.36/0.17/0.23 against 0.39/0.23/0.33) and
+accuracy 77.87/75.80/79.01 against 78.67/79.01/79.47.
 
 The knob. `method.lambda` (null: the paper's per-task value) sets the learned configuration. By
 default (`method.calibrate: true`) its shape is kept and scaled to the speedup target: f_j(s)
@@ -54,12 +53,12 @@ What is kept from the paper, and what is scaled to the budget (issue 19):
            parameter at about its lr whatever λ's size once λ·j outweighs the task gradient, so λ only
            shapes the schedule near the task gradient's scale, which the budget and model decide.
            Above that scale every layer's parameters fall at the same rate and the schedule is flat
-           (SST-2 `quick`, seed 1, own speedup and learned fractions by layer: λ 2e-4 1.79x, 0.88 →
-           0.31; 2e-3 2.09x, 0.56 → 0.41; 2e-2 2.19x, flat 0.42; 6.3e-2 2.82x, flat 0.31; 2e-1 3.57x,
-           flat 0.23). So a λ that reaches 3x on SST-2 by itself learns a flat schedule: at the paper's
-           travel a depth-decreasing one stops near 2x. Calibration then scales the chosen
-           configuration by a multiplier (0.93 at 3x and 1.04 at 2x there), recorded in the `learning`
-           block with the learned per-layer schedule and its own speedup.
+           (SST-2 `quick`, seed 1, own calib speedup by λ: 2e-4 1.69x, 2e-3 2.16x, both decreasing
+           with depth; 2e-2 2.24x, 6.3e-2 2.82x, 2e-1 3.53x, flat: 0.33 → 0.31 at 6.3e-2). So a λ that
+           reaches 3x on SST-2 by itself learns a flat schedule: at the paper's travel a
+           depth-decreasing one stops near 2x. Calibration then scales the chosen configuration by a
+           multiplier, recorded in the `learning` block with the learned per-layer schedule and its
+           own speedup.
 """
 
 from __future__ import annotations
@@ -161,9 +160,9 @@ def significance_ranks(probs: Tensor, mask: Tensor) -> Tensor:
 
 
 class SoftExtractPolicy(TokenPolicy):
-    """Phase 2: after layer j's attention, the rank-k token's state is multiplied by the mean of r_j over
-    its span of bins (`spans`: the n − 1 non-[CLS] tokens of an n-token example share bins 1..N−1 in
-    rank order). Run in `mask` mode; `retention` (L×N, in [0, 1]) is a parameter trained with the model."""
+    """Phase 2: after layer j's attention, the rank-k token's state is multiplied by r_j[bin(k)],
+    bin(k) = floor(k·N/n) for an example of n real tokens (its relative rank on N bins). Run in
+    `mask` mode; `retention` (L×N, in [0, 1]) is a parameter trained with the model."""
 
     def __init__(self, layers: int, max_length: int):
         super().__init__()
@@ -173,33 +172,17 @@ class SoftExtractPolicy(TokenPolicy):
     def max_length(self) -> int:
         return self.retention.shape[1]
 
-    def spans(self, ranks: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """(lo, hi): the bins [lo, hi) of each slot's token. [CLS] (rank 0) has bin 0; rank k of n real
-        tokens has [1 + ⌊(k−1)·(N−1)/(n−1)⌋, 1 + ⌊k·(N−1)/(n−1)⌋), at least one bin; padding's span is
-        meaningless (its scale is overwritten)."""
+    def bins(self, ranks: Tensor, lengths: Tensor) -> Tensor:
         N = self.max_length
-        m = (lengths - 1).clamp(min=1)[:, None]
-        k = ranks.clamp(min=1)
-        lo = 1 + torch.div((k - 1) * (N - 1), m, rounding_mode="floor")
-        hi = 1 + torch.div(k * (N - 1), m, rounding_mode="floor")
-        lo, hi = lo.clamp(0, N - 1), hi.clamp(1, N)
-        hi = torch.maximum(hi, lo + 1)
-        cls = ranks == 0
-        return lo.masked_fill(cls, 0), hi.masked_fill(cls, 1)
-
-    def scales(self, layer: int, ranks: Tensor, lengths: Tensor) -> Tensor:
-        """The mean of r_layer over each slot's span (a difference of cumulative sums: differentiable)."""
-        r = self.retention[layer]
-        cumulative = torch.cat([r.new_zeros(1), r.cumsum(0)])
-        lo, hi = self.spans(ranks, lengths)
-        return (cumulative[hi] - cumulative[lo]) / (hi - lo).to(r.dtype)
+        n = lengths.clamp(min=1)[:, None]
+        return torch.div(ranks * N, n, rounding_mode="floor").clamp(0, N - 1)
 
     def needs_attention(self, layer: int) -> bool:
         return True
 
     def after_attention(self, layer: int, state: TokenState, probs: Tensor | None) -> Decision | None:
         ranks = significance_ranks(probs.detach(), state.mask)
-        scale = self.scales(layer, ranks, state.lengths)
+        scale = self.retention[layer][self.bins(ranks, state.lengths)]
         scale = torch.where(state.mask, scale, torch.ones_like(scale))  # padding: untouched (never attended)
         return Decision(hidden_scale=scale)
 
@@ -303,7 +286,7 @@ class PowerBert(Method):
     def search_key(self, lam: float | None = None) -> dict:
         lam = self.hparams()[0] if lam is None else lam
         return {"backbone": self.job.backbone_key, "phase": "powerbert-search", "lambda": lam,
-                "lr_soft_extract": self.soft_lr(), "bins": "spans", "epochs": int(self.cfg.budget.epochs), "lr": float(self.cfg.train.lr)}
+                "lr_soft_extract": self.soft_lr(), "epochs": int(self.cfg.budget.epochs), "lr": float(self.cfg.train.lr)}
 
     def _layers(self) -> int:
         return flops.dims(self.job.backbone.config).layers
