@@ -116,7 +116,7 @@ def code_versions(ok: pd.DataFrame) -> str | None:
     with how many records each; None when they share one. A table across versions compares code too."""
     if "git_commit" not in ok or ok["git_commit"].dropna().nunique() < 2:
         return None
-    short = ok["git_commit"].dropna().map(lambda c: c[:7] + c[40:] if len(c) > 40 else c[:7])
+    short = ok["git_commit"].dropna().map(lambda c: c[:7] + c[40:])  # a dirty tree's -dirty-<hash> kept
     counts = ", ".join(f"{v} ({n})" for v, n in short.value_counts().sort_index().items())
     return f"The records come from {short.nunique()} code versions: {counts}."
 

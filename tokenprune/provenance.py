@@ -33,14 +33,12 @@ def git_commit(here: Path | None = None) -> str | None:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        if not dirty:
-            return sha.stdout.strip()
-        # uncommitted changes: name them by a hash of the diff, so that records of two different
+        # uncommitted changes are named by a hash of their diff, so that records of two different
         # uncommitted states of one commit are never taken for each other (the record index keys on this)
         diff = subprocess.run(["git", "--no-optional-locks", "diff", "HEAD"], cwd=here, capture_output=True,
                               timeout=10).stdout
+        if not diff.strip():
+            return sha.stdout.strip()
         return f"{sha.stdout.strip()}-dirty-{hashlib.sha256(diff).hexdigest()[:12]}"
     except (OSError, subprocess.SubprocessError):
         return None

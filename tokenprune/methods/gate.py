@@ -98,7 +98,7 @@ class DeleteGate(TokenPolicy):
     def soft_deleted_ratio(self) -> float:
         """mean(G)/k over real non-[CLS] tokens: the deletion mass, which moves with every step (the hard
         ratio stays 0 until a token crosses k/2) and equals the hard ratio once the gates saturate."""
-        return float((self.gates.detach() * self.mask).sum() / self.mask.sum().clamp(min=1) / K)
+        return float(self.regulariser().detach() / K)
 
 
 def gate_counts(lengths, layers: int, after_layer: int, ratio: float) -> tuple[np.ndarray, np.ndarray]:
