@@ -31,8 +31,16 @@ deleted, then every token went (ratio 1.0, α → 0, dev accuracy 54.5); 3.8e-4 
 2.6e-3 (MrT5's 5,000 steps at 1e-4), each with the controller on the soft ratio mean(G)/k and its
 integral capped (no wind-up): the soft ratio went 0.14 → 0.96 between steps 45 and 72, and
 0.02 → 1.0 between steps 9 and 36, training loss at chance after. A controller cannot hold a
-one-way, uniform drift; a gate that learns which tokens to delete in a few hundred steps needs a
-signal per token from the start (open work)."""
+one-way, uniform drift. A per-token signal was tried too (not kept): a centred gate, whose logit reads
+each token's LayerNorm features less its example's mean with the bias fixed at −4 (so no parameter
+moves an example's tokens alike), at the travel rule's 2.6e-3 with the controller on the hard ratio.
+Deletion became gradual and per token: at 2x the controller held it near the target (hard ratio 0.07
+at step 27, 0.55 at 63, 0.66–0.71 from step 117 against a target of 0.62, α 1.1–1.3); but at 1.5x it
+overshot and stayed (0.63 against 0.41, α at 0 from step 126: deletion is still one-way), and at 3x
+the trained gate left too many tokens far below the boundary for any threshold to reach 3x (2.75x at
+most on calib). Dev accuracy against the design kept here, paired on the same 872 sentences: 2x
+70.07 against 73.17 (−3.1 [−6.3, 0.0]), 1.5x 71.22 against 77.06 (−5.9 [−9.2, −2.4]). A gate that
+learns which tokens to delete in a few hundred steps, and can give deleted tokens back, is open work."""
 
 from __future__ import annotations
 
