@@ -59,6 +59,22 @@ def test_walk_to_target_brackets_and_refines():
     assert walk_to_target(1.0, own, 2.0, tries=0)[0] == 1.0
 
 
+def test_walk_to_target_stops_once_the_weight_no_longer_changes_what_is_learned():
+    # PoWER-BERT on MRPC: beyond λ 0.3 every layer sits at the travel's floor, below the target
+    table = {3e-3: 1.29, 3e-2: 1.34, 3e-1: 1.38, 3.0: 1.38, 30.0: 1.38, 300.0: 1.38}
+    calls = []
+    own = lambda w: calls.append(w) or table[min(table, key=lambda v: abs(math.log(v / w)))]  # noqa: E731
+    value, grid = walk_to_target(3e-3, own, 2.0, factor=10, tries=5)
+    assert calls == [3e-3, pytest.approx(3e-2), pytest.approx(3e-1), pytest.approx(3.0)]  # not 30, 300
+    assert value == pytest.approx(3e-1)  # the full walk's choice: the first of the equal ones
+    assert [g["own_speedup"] for g in grid] == [1.29, 1.34, 1.38, 1.38]
+    # flat steps before the weight begins to act are walked through (1.0 -> 1.0 -> 1.5 -> 2.5)
+    table = {1e-3: 1.0, 1e-2: 1.0, 1e-1: 1.5, 1.0: 2.5}
+    own = lambda w: table[min(table, key=lambda v: abs(math.log(v / w)))]  # noqa: E731
+    value, grid = walk_to_target(1e-3, own, 2.0, factor=10, tries=4, refine=False)
+    assert [g["value"] for g in grid] == [1e-3, pytest.approx(1e-2), pytest.approx(0.1), pytest.approx(1.0)]
+
+
 def test_learning_record_warns_at_a_bound_and_goes_in_a_record(caplog, tmp_path):
     with caplog.at_level(logging.WARNING):
         block = learning_record("adapler", {"eta": {"initial": 0.25, "final": [0.3, 1.0, 0.01], "bounds": (0.01, 1.0)}},

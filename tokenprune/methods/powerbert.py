@@ -56,7 +56,10 @@ What is kept from the paper, and what is scaled to the budget (issue 19):
            (SST-2 `quick`, seed 1, own calib speedup by λ: 2e-4 1.69x, 2e-3 2.16x, both decreasing
            with depth; 2e-2 2.24x, 6.3e-2 2.82x, 2e-1 3.53x, flat: 0.33 → 0.31 at 6.3e-2). So a λ that
            reaches 3x on SST-2 by itself learns a flat schedule: at the paper's travel a
-           depth-decreasing one stops near 2x. Calibration then scales the chosen configuration by a
+           depth-decreasing one stops near 2x. Further up every parameter reaches the floor
+           1 − travel and a larger λ learns the same schedule (MRPC `quick`: λ 0.3, 3 and 30 all gave
+           0.734 at every layer), so the walk stops at a step that leaves the own speedup unchanged
+           (toolbox.walk_to_target). Calibration then scales the chosen configuration by a
            multiplier, recorded in the `learning` block with the learned per-layer schedule and its
            own speedup.
 """
