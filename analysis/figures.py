@@ -315,7 +315,7 @@ def _reported_rows(reported: pd.DataFrame | None, tasks: Sequence[str]) -> pd.Da
 # ---- figures ------------------------------------------------------------------------------------
 
 
-def _figure(size: str, nrows: int, ncols: int, panel_height: float):
+def panel_figure(size: str, nrows: int, ncols: int, panel_height: float):
     """A constrained-layout figure `SIZES[size]` wide, its panels `panel_height` tall."""
     fig = plt.figure(figsize=(SIZES[size], panel_height * nrows + 0.1), layout="constrained")
     return fig, fig.subplots(nrows, ncols, squeeze=False)
@@ -325,7 +325,7 @@ CHAR_INCHES = 0.5 * SMALL_PT / 72  # a character of legend text at 7 pt, on the 
 HANDLE_INCHES = 0.4  # a legend entry's handle and the gap after it
 
 
-def _legend(fig, handles: dict[str, Line2D], size: str) -> None:
+def legend_above(fig, handles: dict[str, Line2D], size: str) -> None:
     """The legend above the panels, inside the figure: as many columns as fit across it (at most 4),
     labels too long for a column wrapped; the figure grows by the legend's height."""
     if not handles:
@@ -361,7 +361,7 @@ def task_figure(ok: pd.DataFrame, task: str, axes: Sequence[str] = DEFAULT_AXES,
     n = len(axes) + (1 if len(theirs) else 0)
     with paper_rc(size):
         nrows, ncols = (n, 1) if size == "column" else (1, n)
-        fig, panels = _figure(size, nrows, ncols, 2.0 if size == "column" else 2.5)
+        fig, panels = panel_figure(size, nrows, ncols, 2.0 if size == "column" else 2.5)
         panels = list(panels.flat)
         handles: dict[str, Line2D] = {}
         for ax, axis in zip(panels, axes):
@@ -373,7 +373,7 @@ def task_figure(ok: pd.DataFrame, task: str, axes: Sequence[str] = DEFAULT_AXES,
             ax.sharey(panels[0])
         if len(theirs):
             handles.update(plot_reported(panels[-1], theirs, task))
-        _legend(fig, handles, size)
+        legend_above(fig, handles, size)
     return fig
 
 
@@ -384,7 +384,7 @@ def grid_figure(ok: pd.DataFrame, axis: str = "flops_speedup", tasks: Sequence[s
     with paper_rc(size):
         ncols = max(1, min(2 if size == "column" else 4, len(tasks)))
         nrows = max(1, math.ceil(len(tasks) / ncols))
-        fig, panels = _figure(size, nrows, ncols, 1.5 if size == "column" else 1.7)
+        fig, panels = panel_figure(size, nrows, ncols, 1.5 if size == "column" else 1.7)
         handles: dict[str, Line2D] = {}
         for ax, task in zip(panels.flat, tasks):
             handles.update(plot_panel(ax, ok, task, axis, cells))
@@ -393,7 +393,7 @@ def grid_figure(ok: pd.DataFrame, axis: str = "flops_speedup", tasks: Sequence[s
             ax.set_visible(False)
         fig.supxlabel(axis_label(ok, axis))
         fig.supylabel("dev metric (0–100)")
-        _legend(fig, handles, size)
+        legend_above(fig, handles, size)
     return fig
 
 
@@ -403,7 +403,7 @@ def flops_vs_wallclock_figure(ok: pd.DataFrame, size: str = "column"):
     fw = P.flops_vs_wallclock(ok)
     with paper_rc(size):
         nrows, ncols = (2, 1) if size == "column" else (1, 2)
-        fig, panels = _figure(size, nrows, ncols, 2.0 if size == "column" else 2.5)
+        fig, panels = panel_figure(size, nrows, ncols, 2.0 if size == "column" else 2.5)
         left, right = panels.flat
         handles: dict[str, Line2D] = {}
         for method, group in fw.groupby("method", sort=True):
@@ -433,7 +433,7 @@ def flops_vs_wallclock_figure(ok: pd.DataFrame, size: str = "column"):
             ax.grid(True, alpha=0.3)
         if fw.empty:
             left.text(0.5, 0.5, "no records with both speedups", transform=left.transAxes, ha="center", color="0.4")
-        _legend(fig, handles, size)
+        legend_above(fig, handles, size)
     return fig
 
 

@@ -21,7 +21,6 @@ from typing import Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis import figures, names  # noqa: E402
@@ -57,18 +56,23 @@ def recall_figure(table: pd.DataFrame, task: str):
     full = rows[rows.method == FULL_MODEL]
     targets = sorted(set(rows[rows.method != FULL_MODEL].speedup_target)) or [1.0]
     with figures.paper_rc("page"):
-        fig, axes = plt.subplots(1, len(targets), figsize=(figures.SIZES["page"], 2.3), squeeze=False, sharey=True)
+        fig, axes = figures.panel_figure("page", 1, len(targets), 2.1)
+        handles = {}
         for ax, target in zip(axes[0], targets):
             cell = pd.concat([full, rows[(rows.speedup_target == target) & (rows.method != FULL_MODEL)]])
             for method, lines in cell.groupby("method", sort=True):
-                ax.plot(lines.layer + 1, lines.recall, label=names.method(method), **figures.style(method))
+                label = names.method(method)
+                handles[label], = ax.plot(lines.layer + 1, lines.recall, label=label, **figures.style(method))
             ax.set_title(f"{names.task(task)}, {target:g}× target")
             ax.set_xlabel("Layer")
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
+        for ax in axes[0][1:]:
+            ax.sharey(axes[0][0])
+            ax.tick_params(labelleft=False)
         axes[0][0].set_ylabel("Rationale recall (gold tokens kept)")
-        axes[0][-1].legend(loc="lower left", frameon=False)
-        fig.tight_layout()
+        # one legend above the panels, as the suite's other figures: inside a panel it hid the lines
+        figures.legend_above(fig, handles, "page")
     return fig
 
 

@@ -120,6 +120,10 @@ def test_analysis_writes_the_recall_table_and_figure(tmp_path):
     assert set(table.method) == {"bert", "topk", "random"} and len(table) == 5 * 3 - 3  # topk's two seeds: one row per layer
     written = {p.name for p in (tmp_path / "out").iterdir()}
     assert written == {"rationale_needle.csv", "rationale_recall_needle.png", "rationale_recall_needle.pdf"}
+    # one legend above the panels (a legend inside a panel hid its lines), naming every method once
+    fig = analysis.recall_figure(table, "needle")
+    assert [ax.get_legend() for ax in fig.axes] == [None, None] and len(fig.legends) == 1
+    assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == ["Full model", "Random tokens", "Top-k attention"]
 
 
 def test_analysis_without_rationale_blocks_says_so(tmp_path, capsys):
