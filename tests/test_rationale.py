@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from helpers import job_config, tiny_model
 from tokenprune import results
 from tokenprune.encoder import Decision, TokenPolicy
 from tokenprune.evaluate import run_eval
-from tokenprune.rationale import MEASURES, RationaleAgreement
+from tokenprune.rationale import MEASURES, RationaleAgreement, top_fraction_recall
 from tokenprune.runner import run_job
 
 CLS, SEP = 101, 102
@@ -72,6 +73,24 @@ def test_examples_without_a_rationale_are_not_counted():
     assert RationaleAgreement({"idx": [], "input_ids": [], "rationale_tokens": []}, [CLS], 4).summary() is None
 
 
+class SpecialIds:
+    all_special_ids = [0, CLS, SEP]
+
+
+def test_top_fraction_recall_by_hand():
+    split, _ = two_examples()
+    split = datasets.Dataset.from_dict(split)
+    # example 0: candidates 1..6 ranked 3, 5, 2, 4, 1, 6 ([CLS] and [SEP] score highest and do not count)
+    # example 1: candidates 1..4 ranked 4, 2, 3, 1 (its gold token last)
+    rows = [(10, [100, 0.1, 0.5, 0.9, 0.2, 0.6, 0.0, 50]), (11, [9, 0.1, 0.3, 0.2, 0.4, 9]),
+            (99, [1, 2, 3])]  # an example outside the split: not counted
+    block = top_fraction_recall(split, SpecialIds(), rows)
+    # top 10%: ceil(0.6) = 1 and ceil(0.4) = 1 tokens; top 25%: 2 and 1; top 50%: 3 and 2
+    assert block["recall_at_top"] == {"0.1": 0.25, "0.25": 0.25, "0.5": 0.5} and block["n_examples"] == 2
+    without = datasets.Dataset.from_dict({"idx": [10], "input_ids": [[CLS, 5, SEP]]})
+    assert top_fraction_recall(without, SpecialIds(), rows) is None  # no gold rationales: no figure
+
+
 SMALL_NEEDLE = ["task=needle", "task.synthetic.train=150", "task.synthetic.dev=32", "task.synthetic.min_tokens=64",
                 "task.synthetic.max_tokens=96"]
 
@@ -97,6 +116,13 @@ def test_every_pruning_method_records_rationale_agreement(tmp_path, method):
     assert record["status"] == "ok", record["error"]
     recall = record["rationale"]["per_layer"]["recall"]
     assert len(recall) == 4 and recall == sorted(recall, reverse=True) and record["rationale"]["last_layer"]["kept_fraction"] < 1
+    if method in ("trbert", "adapler"):  # does the training signal, and the learned scores, rank the rationale first?
+        blocks = record["learning"]["rationale_recall"]
+        for block in blocks if method == "trbert" else [blocks]:
+            for ranking in ("signal", "scores"):
+                recall_at = block[ranking]["recall_at_top"]
+                assert set(recall_at) == {"0.1", "0.25", "0.5"} and all(0 <= r <= 1 for r in recall_at.values())
+                assert recall_at["0.1"] <= recall_at["0.25"] <= recall_at["0.5"]
 
 
 def fake_record(method, target, seed, recall):

@@ -18,11 +18,14 @@ examples with a non-empty gold rationale (macro average, as ERASER's token-level
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
 
 MEASURES = ("recall", "precision", "f1", "false_positive_rate", "kept_fraction")
+TOP_FRACTIONS = (0.1, 0.25, 0.5)
 
 
 class RationaleAgreement:
@@ -90,3 +93,36 @@ def agreement_for(split, tokenizer, num_layers: int) -> RationaleAgreement | Non
     if "rationale_tokens" not in split.column_names:
         return None
     return RationaleAgreement(split, tokenizer.all_special_ids, num_layers)
+
+
+def top_fraction_recall(split, tokenizer, rows, fractions=TOP_FRACTIONS) -> dict | None:
+    """How well a ranking of tokens finds the gold rationale: for each fraction f, the recall of the
+    gold tokens among the top ⌈f·n⌉ of an example's n candidate tokens (real tokens less [CLS]/[SEP])
+    by `rows`' scores, averaged per example over those with a gold rationale. A blind ranking
+    recalls about f. `rows`: (idx, scores over the example's positions) pairs, e.g. a learned
+    method's training signal on calib, so a record says whether that signal points at what decides.
+    None for a split without rationales (or no example with one)."""
+    agreement = agreement_for(split, tokenizer, 1)
+    if agreement is None:
+        return None
+    sums, n = np.zeros(len(fractions)), 0
+    for idx, scores in rows:
+        idx = int(idx)
+        if idx not in agreement.gold:
+            continue
+        gold, candidates = agreement.gold[idx], agreement.candidates[idx]
+        scores = torch.as_tensor(np.asarray(scores, dtype=np.float64)).ravel()
+        width = min(len(scores), len(candidates))
+        gold, candidates, scores = gold[:width], candidates[:width], scores[:width]
+        if not gold.any():
+            continue
+        order = scores.masked_fill(~candidates, float("-inf")).argsort(descending=True, stable=True)
+        ranked_gold = gold[order[: int(candidates.sum())]].double()
+        for k, f in enumerate(fractions):
+            top = max(1, math.ceil(f * len(ranked_gold)))
+            sums[k] += float(ranked_gold[:top].sum() / ranked_gold.sum())
+        n += 1
+    if n == 0:
+        return None
+    return {"recall_at_top": {str(f): round(float(v), 4) for f, v in zip(fractions, sums / n)},
+            "n_examples": n, "blind": "a blind ranking recalls about the fraction itself"}

@@ -96,7 +96,7 @@ from tokenprune.errors import UserError
 from tokenprune.evaluate import score
 from tokenprune.methods.base import Method
 from tokenprune.methods.toolbox import (calib_result, calib_score, calib_speedups, learning_record, meet_target, rank_correlation,
-                                        travel, travel_lr, walk_settings, walk_to_target)
+                                        rationale_recall, travel, travel_lr, walk_settings, walk_to_target)
 from tokenprune.train import MODEL_INPUTS, TrainingDiverged, default_param_groups, task_loss, to_device
 
 log = logging.getLogger(__name__)
@@ -488,12 +488,13 @@ class AdapLeR(Method):
         self.job.info.setdefault("adapler", {})["train"] = info
 
     # -- knob ---------------------------------------------------------------------------------
-    def saliency_agreement(self) -> float | None:
-        """Rank correlation, on calib, of CP_0's scores (every token alive) with the saliency target
-        (gradient × input of the fine-tuned backbone), per example over real tokens, averaged."""
+    def saliency_agreement(self) -> tuple[float | None, dict | None]:
+        """On calib: the rank correlation of CP_0's scores (every token alive) with the saliency target
+        (gradient × input of the fine-tuned backbone), per example over real tokens, averaged; and, on
+        a task with gold rationales, how well each ranks the deciding tokens (`rationale_recall`)."""
         policy, job = self._policy, self.job
         base, _ = backbone_parts(self._model)
-        scores, signal, masks = [], [], []
+        scores, signal, masks, ids = [], [], [], []
         for batch in job.loader("calib"):
             batch = to_device(batch, job.device)
             sal = saliency_of(job.backbone, batch)
@@ -504,24 +505,28 @@ class AdapLeR(Method):
             scores += list(z.cpu())
             signal += list(sal.cpu())
             masks += list(mask.cpu())
-        return rank_correlation(scores, signal, masks)
+            ids += batch["idx"].tolist()
+        return (rank_correlation(scores, signal, masks),
+                rationale_recall(job, zip(ids, signal), zip(ids, scores)))
 
     def learning_block(self, target: float, scale: float, applied: bool) -> dict:
         info, m = self._info, self.cfg.method
         eta = self._policy.eta.detach().cpu().tolist()
         steps = int(info.get("steps", self._steps()))
+        rank_corr, rationale = self.saliency_agreement()
         return learning_record(
             self.name,
             {"eta": {"initial": float(m.eta_init), "final": eta, "bounds": (float(m.eta_min), float(m.eta_max)),
                      "lr": info.get("eta_lr")}},
             schedule=eta, target=target, own_speedup=info.get("own_speedup"),
             calibration={"kind": "multiplier on every η_ℓ", "multiplier": round(float(scale), 6), "applied": applied},
-            rank_corr=self.saliency_agreement(), signal="saliency (CP_0 scores on calib)",
+            rank_corr=rank_corr, signal="saliency (CP_0 scores on calib)",
             extra={"phi": info.get("phi"), "phi_grid": self._phi_grid, "cp_lr": info.get("cp_lr"), "steps": steps,
                    "paper_steps": float(m.paper_steps),
                    "travel_eta": None if info.get("eta_lr") is None else round(travel(steps, info["eta_lr"]), 4),
                    "paper_travel_eta": round(travel(float(m.paper_steps), float(m.eta_lr)), 4),
-                   "lambda_first_last": [info["lambdas"][0], info["lambdas"][-1]]})
+                   "lambda_first_last": [info["lambdas"][0], info["lambdas"][-1]],
+                   "rationale_recall": rationale})
 
     def choose_knob(self, target: float) -> dict:
         knob = self._choose_knob(target)

@@ -37,6 +37,7 @@ from scipy.stats import spearmanr
 from tokenprune.errors import UserError
 from tokenprune import flops
 from tokenprune.evaluate import CountPasses, EvalResult, run_eval, score
+from tokenprune.rationale import top_fraction_recall
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +384,18 @@ def rank_correlation(scores: Iterable, signal: Iterable, masks: Iterable | None 
             continue
         values.append(float(spearmanr(a, b).statistic))
     return round(float(np.mean(values)), 4) if values else None
+
+
+def rationale_recall(job, signal_rows: Iterable, score_rows: Iterable) -> dict | None:
+    """On a calib split with gold rationales: how well the method's training signal (`signal_rows`)
+    and its own token scores (`score_rows`), each (idx, per-position values) pairs, rank the deciding
+    tokens (`rationale.top_fraction_recall`). None on a task without rationales. A method whose
+    scores follow its signal (rank correlation) but miss the rationale learned a signal that misses it."""
+    split = job.splits["calib"]
+    signal = top_fraction_recall(split, job.tokenizer, signal_rows)
+    if signal is None:
+        return None
+    return {"signal": signal, "scores": top_fraction_recall(split, job.tokenizer, score_rows)}
 
 
 def _rounded(x):

@@ -98,8 +98,8 @@ from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenStat
 from tokenprune.errors import UserError
 from tokenprune.evaluate import run_eval
 from tokenprune.methods.base import Method
-from tokenprune.methods.toolbox import (calib_speedups, learning_record, meet_target, rank_correlation, teacher_logits, travel,
-                                        travel_lr, walk_settings, walk_to_target)
+from tokenprune.methods.toolbox import (calib_speedups, learning_record, meet_target, rank_correlation, rationale_recall,
+                                        teacher_logits, travel, travel_lr, walk_settings, walk_to_target)
 from tokenprune.train import default_param_groups, fit, task_loss, to_device
 
 log = logging.getLogger(__name__)
@@ -715,6 +715,8 @@ class TrBert(Method):
         trained = self._calib_logits(self._model, self._policy)
         calib_scores = residual_scores(job.backbone, job.loader("calib"), job.device, layers)
         scores, signal, masks = [], [], []
+        points = len(selection_points(layers))
+        signal_rows, score_rows = [[] for _ in range(points)], [[] for _ in range(points)]
         for idx, logits, cands in trained:
             for row, i in enumerate(idx.tolist()):
                 sc = calib_scores[int(i)]
@@ -723,6 +725,9 @@ class TrBert(Method):
                     scores.append(z[row, :n])
                     signal.append(sc[s])
                     masks.append(c[row, :n])
+                    signal_rows[s].append((i, sc[s]))
+                    score_rows[s].append((i, z[row, :n]))
+        rationale = [rationale_recall(job, sig, sco) for sig, sco in zip(signal_rows, score_rows)]
         steps = self.phase_steps()
         lr = self.selector_lr(steps)
         tau0 = self._tau_for_training() if m.joint else 0.0
@@ -744,7 +749,9 @@ class TrBert(Method):
                    "travel": round(travel(steps, lr), 4),
                    "paper_travel": round(travel(float(m.paper_steps), float(m.selector_lr)), 4),
                    "rollouts": self.rollouts, "rollouts_seen": rollouts_seen, "paper_rollouts": 8 * 25000 * 3,
-                   "init_selector": bool(m.init_selector)})
+                   "init_selector": bool(m.init_selector),
+                   # per selection point, on a task with gold rationales: do phase B and the selectors rank them first?
+                   "rationale_recall": None if rationale[0] is None else rationale})
 
     def policy_at(self, tau: float) -> TrBertPolicy:
         pol = self._new_policy()
