@@ -15,6 +15,7 @@ from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy
 from tokenprune.errors import UserError
 from tokenprune.evaluate import run_eval
 from tokenprune.methods.base import Job
+from tokenprune.methods.ltp import LTPPolicy
 from tokenprune.methods.topk import TopK, TopKPolicy, calibrate_keep_fraction, topk_counts
 
 
@@ -54,11 +55,20 @@ def counted(model, policy, ids, attention):
     return counter.get_total_flops(), out.trace
 
 
+def hard_ltp():
+    """LTP's inference policy, its thresholds just under the tiny model's near-uniform scores: it prunes at layers 1-3."""
+    policy = LTPPolicy(4, 0.01, 1e-3, 32, hard=True).eval()
+    with torch.no_grad():
+        policy.thresholds.delta.copy_(torch.tensor([0.0, 0.0310, 0.0312, 0.0314]) - policy.thresholds.base)
+    return policy
+
+
 POLICIES = {
     "none": lambda: None,
     "before": lambda: DropPositions(before={1: lambda b, p: p % 3 == 1, 3: lambda b, p: p > 12}),
     "after": lambda: DropPositions(after={0: lambda b, p: p % 4 == 2, 2: lambda b, p: p % 2 == 1}),
     "topk": lambda: TopKPolicy(1, 0.4),
+    "ltp": hard_ltp,
     "selector": lambda: MLPSelector(64, after={2: lambda b, p: p % 2 == 0}),
 }
 

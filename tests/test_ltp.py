@@ -34,6 +34,42 @@ def test_soft_masks_are_sigmoids_and_hard_pruning_drops_below_threshold():
     assert (out.trace.ffn_tokens[:, -1] < torch.tensor([20, 12])).all()
 
 
+@pytest.mark.parametrize("lengths", [[40], [40, 23, 9]])  # no padding row (one example); padding
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 20000, 600])  # one buffer; 3 of 4 heads at a time; one
+def test_hard_pruning_keeps_the_same_tokens_without_the_probabilities(lengths, chunk_bytes, monkeypatch):
+    """At inference hard LTP takes its score from the encoder's significance (self included, no
+    B×H×n×n buffer); the route before, explicit probabilities and `received`, keeps the same tokens."""
+    monkeypatch.setattr(PrunableEncoder, "SIGNIFICANCE_CHUNK_BYTES", chunk_bytes)
+
+    class Explicit(LTPPolicy):
+        def needs_significance(self, layer):
+            return False
+
+        def needs_attention(self, layer):
+            return layer > 0
+
+        def after_attention(self, layer, state, probs):
+            if probs is not None:
+                state.significance = received(probs, state.mask, self.norm_length) * self.norm_length
+            return super().after_attention(layer, state, probs)
+
+    def hard(cls):  # the tiny model's attention is near uniform (every score near 1/N): thresholds just below
+        policy = cls(4, 0.01, 1e-3, 32, hard=True).eval()
+        with torch.no_grad():
+            policy.thresholds.delta.copy_(torch.tensor([0.0, 0.0310, 0.0312, 0.0314]) - policy.thresholds.base)
+        return policy
+
+    model = tiny_model()
+    batch = make_batch(lengths)
+    with torch.inference_mode():
+        a = PrunableEncoder(model, hard(Explicit), mode="gather")(*batch)
+        b = PrunableEncoder(model, hard(LTPPolicy), mode="gather")(*batch)
+    counts = b.trace.ffn_tokens
+    assert (counts[:, 1:] < counts[:, :-1]).all() and (counts[:, -1] > 1).all()  # prunes at every layer, not all
+    assert torch.equal(a.trace.ffn_tokens, b.trace.ffn_tokens) and torch.equal(a.positions, b.positions)
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-5)
+
+
 def test_ltp_meets_a_smoke_target_and_scales_the_threshold_lr(tmp_path):
     cfg = job_config(tmp_path, "task=sst2", "method=ltp", "speedup=1.5", "measure.control=false")
     record = run_job(cfg, tmp_path / "job")

@@ -37,7 +37,7 @@ class Record(TokenPolicy):
 
 
 @pytest.mark.parametrize("lengths", [[37], [37, 20, 9]])
-@pytest.mark.parametrize("chunk_bytes", [1 << 20, 600])  # all heads at once; a head at a time
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 20000, 600])  # one buffer; 3 of 4 heads at a time; one
 def test_significance_without_probabilities_matches_explicit(lengths, chunk_bytes, monkeypatch):
     model = tiny_model()
     monkeypatch.setattr(PrunableEncoder, "SIGNIFICANCE_CHUNK_BYTES", chunk_bytes)

@@ -65,7 +65,8 @@ class TokenState:
     sizes: Tensor | None = None  # B×n float: input tokens each slot stands for (None: no merge yet, all 1)
     keys: Tensor | None = None  # at (b): B×H×n×d_h, this layer's attention keys (ToMe's matching features)
     # at (b), where the policy asked for it (`needs_significance`): B×n, the attention each key
-    # received, averaged over heads, from real queries other than itself (PoWER-BERT's score)
+    # received, averaged over heads, from real queries other than itself (PoWER-BERT's score; itself
+    # included where the policy's `significance_with_self` says so: LTP's score)
     significance: Tensor | None = None
 
 
@@ -124,6 +125,9 @@ class TokenPolicy(nn.Module):
         they computed (explicit softmax instead of the fused kernel)."""
         return False
 
+    # `state.significance` counts the attention a token pays itself (LTP's score) or not (PoWER-BERT's)
+    significance_with_self = False
+
     def needs_significance(self, layer: int) -> bool:
         """True where `after_attention` needs only the attention each token received
         (`state.significance`), not the probabilities: the encoder then computes attention a few
@@ -169,13 +173,16 @@ def check_runnable(model: nn.Module) -> None:
     family_of(model)
 
 
-def received_attention(probs: Tensor, alive: Tensor, all_real: bool = False) -> Tensor:
-    """B×n: the attention each key receives from real queries other than itself, summed over the
-    heads of `probs` (B×h×n×n); `all_real`: every query is real (no padding row to leave out)."""
+def received_attention(probs: Tensor, alive: Tensor, all_real: bool = False, with_self: bool = False) -> Tensor:
+    """B×n: the attention each key receives from real queries other than itself (`with_self`: itself
+    included), summed over the heads of `probs` (B×h×n×n); `all_real`: every query is real (no
+    padding row to leave out)."""
     if all_real:
         columns = probs.sum((1, 2))
     else:  # summed over heads first: one B×n×n buffer, 1/h of probs
         columns = probs.sum(1).mul_(alive[:, :, None].to(probs.dtype)).sum(1)
+    if with_self:
+        return columns
     self_attention = (probs.diagonal(dim1=2, dim2=3) * alive[:, None, :].to(probs.dtype)).sum(1)
     return columns - self_attention
 
@@ -469,7 +476,8 @@ class PrunableEncoder(nn.Module):
                 break
             need_probs = policy is not None and policy.needs_attention(i)
             need_sig = policy is not None and policy.needs_significance(i)
-            h, probs, keys, sig = self._attention(layer, hidden, tokens, need_probs, need_sig)
+            with_self = policy is not None and policy.significance_with_self
+            h, probs, keys, sig = self._attention(layer, hidden, tokens, need_probs, need_sig, with_self)
             mark and mark("attention")
             if policy is not None:
                 decision = policy.after_attention(i, tokens.state(i, h, self.mode, keys, sig), probs)
@@ -557,7 +565,8 @@ class PrunableEncoder(nn.Module):
         return hidden
 
     def _attention(
-        self, layer: LayerParts, x: Tensor, tokens: _Tokens, need_probs: bool, need_significance: bool = False
+        self, layer: LayerParts, x: Tensor, tokens: _Tokens, need_probs: bool, need_significance: bool = False,
+        with_self: bool = False,
     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """(the attention sub-layer's output, the probabilities if asked, the keys (ToMe's matching
         features), the significance if asked)."""
@@ -570,8 +579,9 @@ class PrunableEncoder(nn.Module):
         v = v.view(B, n, heads, head_dim).transpose(1, 2)
         scale = head_dim**-0.5
         probs = sig = None
-        if need_significance and not need_probs and not grad and self.attention == "sdpa" and x.device.type == "cpu":
-            context, sig = self._attention_significance(q * scale, k, v, tokens)
+        big = B * heads * n * n * q.element_size() > self.SIGNIFICANCE_CHUNK_BYTES
+        if need_significance and not need_probs and not grad and big and self.attention == "sdpa" and x.device.type == "cpu":
+            context, sig = self._attention_significance(q * scale, k, v, tokens, with_self)
         elif need_probs or need_significance or self.attention == "eager":
             scores = torch.matmul(q * scale, k.transpose(-1, -2))  # scaling q is n×d work, not n²
             mask = tokens.additive_mask()
@@ -583,7 +593,7 @@ class PrunableEncoder(nn.Module):
                 probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
             context = torch.matmul(layer.attn_dropout(probs), v)
             if need_significance:
-                sig = received_attention(probs, tokens.alive)
+                sig = received_attention(probs, tokens.alive, with_self=with_self) / heads
         else:
             p = layer.attn_dropout.p if layer.attn_dropout.training else 0.0  # the layer's own mode, as its dropout modules
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.sdpa_mask(), dropout_p=p, scale=scale)
@@ -612,10 +622,12 @@ class PrunableEncoder(nn.Module):
         return F.linear(x, entry[1], entry[2]).split([p.out_features for p in parts], dim=-1)
 
     # bytes of attention probabilities computed at once by `_attention_significance`: a few heads of
-    # a row, small enough to stay in cache (a B×H×n×n buffer at 512 tokens is tens of MB)
+    # a row, small enough to stay in cache (a B×H×n×n buffer at 512 tokens is tens of MB); a whole
+    # B×H×n×n buffer no larger is computed at once (short inputs: one matmul, no per-row loop)
     SIGNIFICANCE_CHUNK_BYTES = 4 << 20
 
-    def _attention_significance(self, q: Tensor, k: Tensor, v: Tensor, tokens: _Tokens) -> tuple[Tensor, Tensor]:
+    def _attention_significance(self, q: Tensor, k: Tensor, v: Tensor, tokens: _Tokens,
+                                with_self: bool = False) -> tuple[Tensor, Tensor]:
         """Explicit attention a few heads of one row at a time (inference on CPU, where a big transient
         buffer costs page faults and cache misses; a GPU takes the one-buffer path): the context and
         each key's significance (`received_attention`), with no B×H×n×n buffer. The same matmuls as
@@ -635,7 +647,7 @@ class PrunableEncoder(nn.Module):
                     scores += mask[b]
                 probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
                 torch.matmul(probs, v[b, h0:h0 + heads], out=context[b, h0:h0 + heads])
-                sig[b] += received_attention(probs[None], real[None], full_row)[0]
+                sig[b] += received_attention(probs[None], real[None], full_row, with_self)[0]
         return context, sig / H
     @staticmethod
     def _ffn(layer: LayerParts, h: Tensor) -> Tensor:

@@ -8,7 +8,9 @@
                      phase per λ in `method.lambdas`, shared by every target.
     3. hard          the weights fine-tuned with hard pruning at the chosen thresholds (frozen), best
                      calib epoch kept. Inference: token t leaves at layer ℓ iff s_ℓ(t) < max(1e-5, θ_ℓ),
-                     physically (gather), [CLS] pinned.
+                     physically (gather), [CLS] pinned. The hard score is the encoder's significance
+                     with self-attention included (`significance_with_self`): at inference it is
+                     computed a few heads at a time, without the B×H×n×n probabilities (issue 21).
 
 Kept from the paper: the score, the threshold parametrisation (layer 0 never prunes: its base is 0),
 the sigmoid soft mask with temperature, the λ-weighted mask regulariser, the two stages, thresholds in
@@ -84,8 +86,15 @@ class LTPPolicy(TokenPolicy):
     def start(self, state: TokenState) -> None:
         self.masks = []
 
+    significance_with_self = True  # the paper's score counts the attention a token pays itself
+
     def needs_attention(self, layer: int) -> bool:
-        return layer > 0
+        return layer > 0 and not self.hard  # soft masks: the score from the probabilities, with its gradient
+
+    def needs_significance(self, layer: int) -> bool:
+        # hard pruning needs only each token's column sum: at inference the encoder then keeps the fused
+        # kernel's memory pattern (a few heads at a time, no B×H×n×n buffer); same matmuls, same FLOPs
+        return layer > 0 and self.hard
 
     def decision_points(self, num_layers: int) -> tuple[tuple[int, str], tuple[int, str]]:
         return (min(1, num_layers - 1), "after"), (num_layers - 1, "after")
@@ -96,11 +105,12 @@ class LTPPolicy(TokenPolicy):
     def after_attention(self, layer: int, state: TokenState, probs: Tensor | None) -> Decision | None:
         if layer == 0:
             return None
-        s = received(probs, state.mask, self.norm_length)
         theta = self.threshold(layer)
         if self.hard:
+            s = state.significance / self.norm_length  # = received(probs, ...): averaged over heads, self included
             # the score is sums, not matmuls: no FLOPs in the canonical count
             return Decision(keep=s >= torch.clamp(theta.detach(), min=1e-5))
+        s = received(probs, state.mask, self.norm_length)
         m = torch.sigmoid((s - theta) / self.temperature)
         self.masks.append((m * state.mask).sum(1) / state.mask.sum(1).clamp(min=1))
         return Decision(hidden_scale=m)
