@@ -10,12 +10,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig
 
 from test_encoder import DropPositions, make_batch, tiny_model
+from test_ltp import hard_ltp
 from tokenprune import flops
 from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy
 from tokenprune.errors import UserError
 from tokenprune.evaluate import run_eval
 from tokenprune.methods.base import Job
-from tokenprune.methods.ltp import LTPPolicy
 from tokenprune.methods.topk import TopK, TopKPolicy, calibrate_keep_fraction, topk_counts
 
 
@@ -53,14 +53,6 @@ def counted(model, policy, ids, attention):
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         out = encoder(ids)
     return counter.get_total_flops(), out.trace
-
-
-def hard_ltp():
-    """LTP's inference policy, its thresholds just under the tiny model's near-uniform scores: it prunes at layers 1-3."""
-    policy = LTPPolicy(4, 0.01, 1e-3, 32, hard=True).eval()
-    with torch.no_grad():
-        policy.thresholds.delta.copy_(torch.tensor([0.0, 0.0310, 0.0312, 0.0314]) - policy.thresholds.base)
-    return policy
 
 
 POLICIES = {

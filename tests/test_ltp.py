@@ -13,6 +13,15 @@ from tokenprune.methods.ltp import LTPPolicy, received
 from tokenprune.runner import run_job
 
 
+def hard_ltp(cls=LTPPolicy) -> LTPPolicy:
+    """LTP's inference policy on the tiny model (4 layers), pruning at layers 1-3: its attention is near
+    uniform (every score near 1/N = 1/32), so the thresholds sit just below that."""
+    policy = cls(4, 0.01, 1e-3, 32, hard=True).eval()
+    with torch.no_grad():
+        policy.thresholds.delta.copy_(torch.tensor([0.0, 0.0310, 0.0312, 0.0314]) - policy.thresholds.base)
+    return policy
+
+
 def test_score_is_attention_received_over_a_fixed_length():
     probs = torch.full((1, 2, 4, 4), 0.25)
     mask = torch.tensor([[True, True, True, False]])
@@ -53,17 +62,11 @@ def test_hard_pruning_keeps_the_same_tokens_without_the_probabilities(lengths, c
                 state.significance = received(probs, state.mask, self.norm_length) * self.norm_length
             return super().after_attention(layer, state, probs)
 
-    def hard(cls):  # the tiny model's attention is near uniform (every score near 1/N): thresholds just below
-        policy = cls(4, 0.01, 1e-3, 32, hard=True).eval()
-        with torch.no_grad():
-            policy.thresholds.delta.copy_(torch.tensor([0.0, 0.0310, 0.0312, 0.0314]) - policy.thresholds.base)
-        return policy
-
     model = tiny_model()
     batch = make_batch(lengths)
     with torch.inference_mode():
-        a = PrunableEncoder(model, hard(Explicit), mode="gather")(*batch)
-        b = PrunableEncoder(model, hard(LTPPolicy), mode="gather")(*batch)
+        a = PrunableEncoder(model, hard_ltp(Explicit), mode="gather")(*batch)
+        b = PrunableEncoder(model, hard_ltp(), mode="gather")(*batch)
     counts = b.trace.ffn_tokens
     assert (counts[:, 1:] < counts[:, :-1]).all() and (counts[:, -1] > 1).all()  # prunes at every layer, not all
     assert torch.equal(a.trace.ffn_tokens, b.trace.ffn_tokens) and torch.equal(a.positions, b.positions)
