@@ -110,6 +110,9 @@ class TokenPolicy(nn.Module):
     masks for a length loss): `start` is called at the beginning of every forward.
     """
 
+    # `state.significance` counts the attention a token pays itself (LTP's score) or not (PoWER-BERT's)
+    significance_with_self = False
+
     def start(self, state: TokenState) -> None:
         """Called once per forward, after the embeddings, before layer 0."""
 
@@ -124,9 +127,6 @@ class TokenPolicy(nn.Module):
         """True where `after_attention` needs layer `layer`'s attention probabilities; only there are
         they computed (explicit softmax instead of the fused kernel)."""
         return False
-
-    # `state.significance` counts the attention a token pays itself (LTP's score) or not (PoWER-BERT's)
-    significance_with_self = False
 
     def needs_significance(self, layer: int) -> bool:
         """True where `after_attention` needs only the attention each token received

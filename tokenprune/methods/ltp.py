@@ -76,6 +76,8 @@ class LTPPolicy(TokenPolicy):
     """Soft masks (training, `mask` mode) or hard pruning (`hard=True`; evaluation in `gather` mode)
     after the attention of layers 1..L-1. `scale`: the calibrated factor c on every threshold."""
 
+    significance_with_self = True  # the paper's score counts the attention a token pays itself
+
     def __init__(self, layers: int, final_threshold: float, temperature: float, norm_length: int,
                  hard: bool = False, scale: float = 1.0):
         super().__init__()
@@ -86,14 +88,12 @@ class LTPPolicy(TokenPolicy):
     def start(self, state: TokenState) -> None:
         self.masks = []
 
-    significance_with_self = True  # the paper's score counts the attention a token pays itself
-
     def needs_attention(self, layer: int) -> bool:
         return layer > 0 and not self.hard  # soft masks: the score from the probabilities, with its gradient
 
     def needs_significance(self, layer: int) -> bool:
-        # hard pruning needs only each token's column sum: at inference the encoder then keeps the fused
-        # kernel's memory pattern (a few heads at a time, no B×H×n×n buffer); same matmuls, same FLOPs
+        # hard pruning needs only each token's column sum: at inference the encoder then computes the
+        # attention a few heads at a time, with no B×H×n×n buffer; same matmuls, same FLOPs
         return layer > 0 and self.hard
 
     def decision_points(self, num_layers: int) -> tuple[tuple[int, str], tuple[int, str]]:
