@@ -83,3 +83,9 @@ def test_ltp_meets_a_smoke_target_and_scales_the_threshold_lr(tmp_path):
     assert knob["lr_threshold"] == pytest.approx(2 * 0.0105 / steps, rel=0.2)
     assert {c["lambda"] for c in record["method_info"]["ltp_candidates"]} == {0.05, 0.2}
     assert {"ltp-soft-0.05", "ltp-soft-0.2", "ltp-hard"} <= set(record["method_info"]["phases"])
+    learning = record["learning"]  # what training learned, apart from the calibrated scale
+    delta = learning["knobs"]["threshold_delta"]
+    assert len(delta["final"]) == 4 and delta["final"][0] == 0.0  # layer 0 never prunes: its threshold stays
+    assert learning["schedule"] == knob["thresholds"] and learning["calibration"]["multiplier"] == pytest.approx(knob["scale"])
+    assert learning["own_speedup"] > 1.0 and learning["own_vs_target"] == pytest.approx(learning["own_speedup"] / 1.5, abs=1e-3)
+    assert learning["travel"] == pytest.approx(0.0105, rel=0.2)  # the paper's movement, on the smoke budget's steps

@@ -25,7 +25,8 @@ Changed, and by which rule:
   is re-trained in phase 3. A common scale c of the learned thresholds meets the target: θ_ℓ·c, c
   found on calib within `calib_rtol` above the target (`toolbox.meet_target`; c = 0: nothing but the
   1e-5 floor prunes) after phase 2 (to choose λ)
-  and again after phase 3 (the final knob; the record says how far c had to move from 1).
+  and again after phase 3 (the final knob; the record says how far c had to move from 1: its `learning`
+  block has Δθ per layer, the learned thresholds' own calib speedup at c = 1 against the target, and c).
 - The thresholds' learning rate follows the budget. Adam moves a parameter by at most lr per step;
   with warmup and linear decay the total possible movement over S steps is about 0.5·S·lr. The
   paper's recipe (lr 2e-5 for thresholds, SST-2: one epoch of 67k examples at batch 64, ~1,050 steps)
@@ -48,7 +49,7 @@ from tokenprune import flops
 from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenState
 from tokenprune.errors import UserError
 from tokenprune.methods.base import Method
-from tokenprune.methods.toolbox import calib_score, calib_speedups, meet_target
+from tokenprune.methods.toolbox import calib_score, calib_speedups, learning_record, meet_target, travel
 from tokenprune.train import default_param_groups, fit, task_loss
 
 log = logging.getLogger(__name__)
@@ -236,9 +237,27 @@ class LTP(Method):
         """Phase 3 changed the weights, so the attention and the counts: the scale is set again on calib."""
         scale, achieved = self.calibrate_scale(self._model, self.settings, self.thresholds, target)
         self.scale = scale
+        self.learning = self.learning_block(target)
         return {"lambda": self.best["lambda"], "thresholds": self.best["thresholds"], "scale_before_retrain": self.best["scale"],
                 "scale": scale, "calib_speedup": achieved, "lr_threshold": self.settings["lr_threshold"],
                 "temperature": self.settings["temperature"]}
+
+    def learning_block(self, target: float) -> dict:
+        """The record's `learning` block: how far the thresholds moved from their linear start (Δθ) at the
+        chosen λ, the learned per-layer thresholds, their own calib speedup (scale 1, the re-trained
+        weights) against the target, and the common scale calibration applied before and after re-training."""
+        s = self.settings
+        delta = self.thresholds - self._policy(s).thresholds.base
+        own = calib_speedups(self.job, self._model, self.hard_policy(s, self.thresholds, 1.0), "learned thresholds")()
+        return learning_record(
+            self.name,
+            {"threshold_delta": {"initial": [0.0] * len(delta), "final": delta.tolist(), "bounds": None,
+                                 "lr": s["lr_threshold"]}},
+            schedule=self.best["thresholds"], target=target, own_speedup=own,
+            calibration={"kind": "common scale on the learned thresholds", "multiplier": round(float(self.scale), 6),
+                         "before_retrain": round(float(self.best["scale"]), 6), "applied": True},
+            extra={"lambda": self.best["lambda"], "steps": s["steps"], "travel": round(travel(s["steps"], s["lr_threshold"]), 6),
+                   "paper_travel": s["threshold_movement"]})
 
     def model(self) -> nn.Module:
         return self._model
