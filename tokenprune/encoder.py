@@ -462,6 +462,7 @@ class PrunableEncoder(nn.Module):
             stop = last_point
         # no decision before `start`: every earlier layer processed what entered layer `start`
         attn_counts, ffn_counts = [tokens.counts] * start, [tokens.counts] * start
+        with_self = policy is not None and policy.significance_with_self
         for i in range(start, L if stop_before is None else stop_before):
             layer = layers[i]
             if policy is not None:
@@ -476,7 +477,6 @@ class PrunableEncoder(nn.Module):
                 break
             need_probs = policy is not None and policy.needs_attention(i)
             need_sig = policy is not None and policy.needs_significance(i)
-            with_self = policy is not None and policy.significance_with_self
             h, probs, keys, sig = self._attention(layer, hidden, tokens, need_probs, need_sig, with_self)
             mark and mark("attention")
             if policy is not None:
@@ -579,8 +579,8 @@ class PrunableEncoder(nn.Module):
         v = v.view(B, n, heads, head_dim).transpose(1, 2)
         scale = head_dim**-0.5
         probs = sig = None
-        big = B * heads * n * n * q.element_size() > self.SIGNIFICANCE_CHUNK_BYTES
-        if need_significance and not need_probs and not grad and big and self.attention == "sdpa" and x.device.type == "cpu":
+        if (need_significance and not need_probs and not grad and self.attention == "sdpa" and x.device.type == "cpu"
+                and B * heads * n * n * q.element_size() > self.SIGNIFICANCE_CHUNK_BYTES):
             context, sig = self._attention_significance(q * scale, k, v, tokens, with_self)
         elif need_probs or need_significance or self.attention == "eager":
             scores = torch.matmul(q * scale, k.transpose(-1, -2))  # scaling q is n×d work, not n²

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenprune import flops
-from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenState
+from tokenprune.encoder import Decision, PrunableEncoder, TokenPolicy, TokenState, received_attention
 from tokenprune.errors import UserError
 from tokenprune.methods.base import Method
 from tokenprune.methods.toolbox import calib_score, calib_speedups, learning_record, meet_target, travel
@@ -56,9 +56,9 @@ log = logging.getLogger(__name__)
 
 
 def received(probs: Tensor, mask: Tensor, norm_length: int) -> Tensor:
-    """B×n: s(t) = (1/(H·N)) Σ_h Σ_{i alive} A_h[i, t], N = `norm_length` (fixed, the task's max_length)."""
-    rows = probs * mask[:, None, :, None].to(probs.dtype)  # zero the rows of padded / pruned queries
-    return rows.sum(dim=(1, 2)) / (probs.shape[1] * norm_length)
+    """B×n: s(t) = (1/(H·N)) Σ_h Σ_{i alive} A_h[i, t], N = `norm_length` (fixed, the task's max_length):
+    the encoder's significance with self-attention included, over N."""
+    return received_attention(probs, mask, with_self=True) / (probs.shape[1] * norm_length)
 
 
 class Thresholds(nn.Module):
@@ -247,8 +247,9 @@ class LTP(Method):
         chosen λ, the learned per-layer thresholds, their own calib speedup (scale 1, the re-trained
         weights) against the target, and the common scale calibration applied before and after re-training."""
         s = self.settings
-        delta = self.thresholds - self._policy(s).thresholds.base
-        own = calib_speedups(self.job, self._model, self.hard_policy(s, self.thresholds, 1.0), "learned thresholds")()
+        policy = self.hard_policy(s, self.thresholds, 1.0)
+        delta = policy.thresholds.delta.detach()
+        own = calib_speedups(self.job, self._model, policy, "learned thresholds")()
         return learning_record(
             self.name,
             {"threshold_delta": {"initial": [0.0] * len(delta), "final": delta.tolist(), "bounds": None,
